@@ -1,0 +1,366 @@
+"""The pipeline file: pydantic models of the YAML, validation with file/line/field, JSON Schema.
+
+Validation happens in one pass before any work starts and reports every problem at once:
+unknown keys, wrong types, unknown stage kinds, bad stage params, dangling ``from:``
+references, duplicate ids and cycles. Each problem names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slimline.errors import ConfigError
+from slimline.registry import STAGES, stage_module
+
+STAGE_ID = re.compile(r"^[a-z][a-z0-9_-]*$")
+# The implicit artifact every pipeline starts from: the model named by ``model:``.
+INPUT_ID = "input"
+
+
+class Strict(BaseModel):
+    """Base of every pipeline model: frozen, unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalData(Strict):
+    """A local ``.txt`` or ``.jsonl`` file."""
+
+    path: Path = Field(description="File path, relative to the pipeline file.")
+    field: str | None = Field(None, description="jsonl only: the record field holding the text (default 'text').")
+    split: Literal["train", "eval", "calibration", "all"] = Field(
+        "all", description="Keep only this hash-based split of the file's documents."
+    )
+
+
+DataSource = str | LocalData
+DATA_PREFIXES = ("builtin:", "hf:")
+
+
+class DataConfig(Strict):
+    """Where the train, eval and calibration texts come from."""
+
+    train: DataSource = Field("builtin:stdlib/train", description="Text for training stages (LoRA, distillation).")
+    eval: DataSource = Field("builtin:stdlib/eval", description="Held-out text every artifact is measured on.")
+    calibration: DataSource | None = Field(
+        None, description="Text for calibrating quantization and pruning; default: the train source."
+    )
+
+    @field_validator("train", "eval", "calibration")
+    @classmethod
+    def check_source_string(cls, value: DataSource | None) -> DataSource | None:
+        """A string source must be ``builtin:...`` or ``hf:...``."""
+        if isinstance(value, str) and not value.startswith(DATA_PREFIXES):
+            raise ValueError(f"expected 'builtin:stdlib/<split>', 'hf:<dataset>' or {{path: ...}}, got {value!r}")
+        return value
+
+
+class AccuracySettings(Strict):
+    """Perplexity, top-1 accuracy and KL divergence from the input model on held-out tokens."""
+
+    max_tokens: int = Field(20_000, gt=0, description="Held-out tokens scored; more is steadier and slower.")
+    window: int = Field(256, ge=16, description="Tokens per scored window; must fit the model's context.")
+
+
+class LatencySettings(Strict):
+    """Prefill and greedy decode timing at batch size 1."""
+
+    prompt_tokens: int = Field(128, gt=0, description="Prompt length for the prefill measurement.")
+    new_tokens: int = Field(64, gt=0, description="Tokens decoded per repeat.")
+    repeats: int = Field(5, gt=0, description="Timed repeats; medians are reported.")
+    warmup: int = Field(1, ge=0, description="Untimed repeats first, to warm caches and kernels.")
+
+
+class EvaluateConfig(Strict):
+    """The one yardstick every artifact is measured on."""
+
+    accuracy: AccuracySettings = AccuracySettings()
+    latency: LatencySettings = LatencySettings()
+
+
+class StageConfig(Strict):
+    """One stage: a registered kind, its params, and the stage(s) it reads from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    id: str = Field(description="Unique name; also the artifact folder name.")
+    kind: str = Field(description="Registered stage kind, e.g. 'lora'.")
+    from_: str | None = Field(
+        None, alias="from", description="Stage id this stage reads; default: the previous stage ('input' first)."
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="The kind's parameters (see docs/stages.md).")
+    allow_skip: bool = Field(
+        False,
+        description="If the stage cannot run here (no CUDA, missing package), mark it skipped instead of refusing.",
+    )
+
+    @field_validator("id")
+    @classmethod
+    def check_id(cls, value: str) -> str:
+        """Ids become folder names: lowercase letters, digits, '-' and '_'."""
+        if not STAGE_ID.match(value) or value == INPUT_ID:
+            raise ValueError(f"expected lowercase letters, digits, '-', '_' (not {INPUT_ID!r}), got {value!r}")
+        return value
+
+
+class ReleaseConfig(Strict):
+    """The release gate: one candidate artifact and the limits it must meet."""
+
+    candidate: str = Field(description="Stage id of the artifact to release.")
+    max_perplexity_increase: float | None = Field(None, ge=0, description="Relative to the input model, 0.03 = 3%.")
+    max_kl: float | None = Field(None, ge=0, description="Mean KL divergence from the input model, nats/token.")
+    min_decode_speedup: float | None = Field(None, gt=0, description="Decode tokens/s ratio over the input model.")
+    max_size_mb: float | None = Field(None, gt=0, description="Artifact size on disk.")
+
+
+class PipelineConfig(Strict):
+    """A whole pipeline file."""
+
+    name: str = Field(description="Run name; the default output folder is runs/<name>.")
+    model: str = Field(description="'builtin:stdlib-coder', 'hf:<org>/<name>' or a local checkpoint folder.")
+    seed: int = Field(0, description="Seed for every stage and data sample.")
+    data: DataConfig = DataConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    stages: list[StageConfig] = Field(default_factory=list)
+    release: ReleaseConfig | None = None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A validated pipeline: the config, each stage's typed params and parent, and where it came from."""
+
+    config: PipelineConfig
+    params: dict[str, BaseModel]
+    parents: dict[str, str]
+    source: Path
+
+    def resolve_path(self, path: Path) -> Path:
+        """A path from the pipeline file, relative to that file's folder."""
+        return path if path.is_absolute() else (self.source.parent / path).resolve()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation problem, located in the file."""
+
+    loc: tuple[str | int, ...]
+    message: str
+
+
+def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
+    """Read, override and validate a pipeline file; raise ConfigError listing every problem."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such pipeline file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        lines = yaml_line_index(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of pipeline fields, got {type(data).__name__}")
+    for override in overrides or []:
+        apply_override(data, override)
+    pipeline, problems = validate_data(data, path)
+    if problems:
+        raise ConfigError(format_problems(path, problems, lines))
+    assert pipeline is not None
+    return pipeline
+
+
+def validate_data(data: dict[str, Any], path: Path) -> tuple[Pipeline | None, list[Problem]]:
+    """Validate parsed YAML; return the pipeline or the problems found."""
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        return None, [Problem(tuple(e["loc"]), describe_error(e)) for e in error.errors()]
+    problems: list[Problem] = []
+    params = validate_stage_params(config, problems)
+    parents = resolve_parents(config, problems)
+    problems += find_cycles(parents)
+    model_problem = check_model_source(config.model, path.resolve().parent)
+    if model_problem:
+        problems.append(Problem(("model",), model_problem))
+    if config.release and config.release.candidate not in parents:
+        problems.append(
+            Problem(
+                ("release", "candidate"), f"no stage with id {config.release.candidate!r}; stages: {sorted(parents)}"
+            )
+        )
+    return Pipeline(config, params, parents, path.resolve()), problems
+
+
+def check_model_source(spec: str, base: Path) -> str | None:
+    """What is wrong with a built-in or local model source (hub ids are checked when fetched)."""
+    from slimline.models import BUILTIN_MODELS
+
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        return None if name in BUILTIN_MODELS else f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}"
+    if spec.startswith("hf:"):
+        return None
+    folder = Path(spec) if Path(spec).is_absolute() else base / spec
+    if not (folder / "config.json").exists():
+        return f"expected 'builtin:<name>', 'hf:<org>/<name>' or a checkpoint folder; {folder} has no config.json"
+    return None
+
+
+def validate_stage_params(config: PipelineConfig, problems: list[Problem]) -> dict[str, BaseModel]:
+    """Check each stage's kind and params against the registered kind's Params model."""
+    params: dict[str, BaseModel] = {}
+    for index, stage in enumerate(config.stages):
+        if stage.kind not in STAGES:
+            problems.append(Problem(("stages", index, "kind"), f"unknown kind {stage.kind!r}; known: {sorted(STAGES)}"))
+            continue
+        try:
+            params[stage.id] = stage_module(stage.kind).Params.model_validate(stage.params)
+        except ValidationError as error:
+            for e in error.errors():
+                problems.append(Problem(("stages", index, "params", *e["loc"]), describe_error(e)))
+    return params
+
+
+def resolve_parents(config: PipelineConfig, problems: list[Problem]) -> dict[str, str]:
+    """Each stage's parent id: its ``from:``, else the previous stage, else the input model."""
+    parents: dict[str, str] = {}
+    ids = [stage.id for stage in config.stages]
+    previous = INPUT_ID
+    for index, stage in enumerate(config.stages):
+        if stage.id in parents:
+            problems.append(Problem(("stages", index, "id"), f"duplicate stage id {stage.id!r}"))
+        parent = stage.from_ or previous
+        if parent != INPUT_ID and parent not in ids:
+            problems.append(
+                Problem(("stages", index, "from"), f"no stage with id {parent!r}; expected one of {[INPUT_ID, *ids]}")
+            )
+        elif parent == stage.id:
+            problems.append(Problem(("stages", index, "from"), f"stage {stage.id!r} reads from itself"))
+        parents[stage.id] = parent
+        previous = stage.id
+    return parents
+
+
+def find_cycles(parents: dict[str, str]) -> list[Problem]:
+    """A stage whose chain of parents comes back to itself is a cycle."""
+    problems = []
+    for start in parents:
+        seen = [start]
+        node = parents[start]
+        while node in parents and node not in seen:
+            seen.append(node)
+            node = parents[node]
+        if node == start and len(seen) > 1:
+            problems.append(Problem(("stages",), f"cycle in 'from:' references: {' -> '.join([*seen, start])}"))
+    return problems[:1]
+
+
+def topological_order(pipeline: Pipeline) -> list[str]:
+    """Stage ids, parents before children, otherwise in file order."""
+    order: list[str] = []
+
+    def visit(stage_id: str) -> None:
+        if stage_id == INPUT_ID or stage_id in order:
+            return
+        visit(pipeline.parents[stage_id])
+        order.append(stage_id)
+
+    for stage in pipeline.config.stages:
+        visit(stage.id)
+    return order
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    """Pydantic's message, phrased as what was expected and what was found."""
+    if error["type"] == "extra_forbidden":
+        return "unknown field (check the spelling; see `slimline schema`)"
+    if error["type"] == "missing":
+        return "required field is missing"
+    return f"{error['msg']} (got {error.get('input')!r})"
+
+
+def format_problems(path: Path, problems: list[Problem], lines: dict[tuple, int]) -> str:
+    """One line per problem: ``file:line: field: message``."""
+    rendered = [f"{path} is not a valid pipeline ({len(problems)} problem{'s' * (len(problems) > 1)}):"]
+    for problem in problems:
+        rendered.append(f"  {path}:{line_of(problem.loc, lines)}: {dotted(problem.loc)}: {problem.message}")
+    return "\n".join(rendered)
+
+
+def dotted(loc: tuple[str | int, ...]) -> str:
+    """``('stages', 0, 'params', 'rank')`` -> ``stages[0].params.rank``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def line_of(loc: tuple[str | int, ...], lines: dict[tuple, int]) -> int:
+    """The line of the deepest part of ``loc`` that exists in the file."""
+    loc = tuple("from" if part == "from_" else part for part in loc)
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return 1
+
+
+def yaml_line_index(text: str) -> dict[tuple, int]:
+    """Map every key path in a YAML document to its 1-based line number."""
+    index: dict[tuple, int] = {}
+    root = yaml.compose(text)
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        index.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                index[(*path, key.value)] = key.start_mark.line + 1
+                walk(value, (*path, key.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for position, item in enumerate(node.value):
+                walk(item, (*path, position))
+
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (YAML value); a stage is addressed by id: ``stages.tuned.params.steps=10``."""
+    key, sep, raw = override.partition("=")
+    if not sep:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    parts = key.split(".")
+    target: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(target, list):
+            matches = [item for item in target if isinstance(item, dict) and item.get("id") == part]
+            if not matches:
+                raise ConfigError(f"override {override!r}: no stage with id {part!r}")
+            target = matches[0]
+        else:
+            target = target.setdefault(part, {})
+        if not isinstance(target, dict | list):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is not a mapping")
+    target[parts[-1]] = yaml.safe_load(raw)
+
+
+def pipeline_json_schema() -> dict[str, Any]:
+    """JSON Schema of the pipeline file, with each kind's params schema attached to its ``kind``."""
+    schema = PipelineConfig.model_json_schema(by_alias=True)
+    stage_schema = schema["$defs"]["StageConfig"]
+    stage_schema["properties"]["kind"]["enum"] = sorted(STAGES)
+    branches = []
+    for kind in sorted(STAGES):
+        params_schema = stage_module(kind).Params.model_json_schema()
+        schema["$defs"].update(params_schema.pop("$defs", {}))
+        branches.append(
+            {"if": {"properties": {"kind": {"const": kind}}}, "then": {"properties": {"params": params_schema}}}
+        )
+    stage_schema["allOf"] = branches
+    return schema

@@ -1,0 +1,1 @@
+"""Fine-tuning stages (LoRA now; QLoRA next)."""

@@ -1,0 +1,103 @@
+"""Loading and saving HF models and tokenizers; resolving model sources.
+
+Sources: ``builtin:stdlib-coder`` (the example model shipped in this package),
+``hf:<org>/<name>[@revision]`` (hub ids, through the local cache when HF_HUB_OFFLINE=1) and
+local checkpoint folders. Weights load from safetensors only: pickled ``.bin`` files are
+refused, since unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from slimline.errors import ConfigError
+
+BUILTIN_MODELS = {"stdlib-coder": Path(__file__).parent / "stdlib_coder"}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def resolve_model_source(spec: str, base: Path) -> Path:
+    """The local folder holding the checkpoint named by ``spec``."""
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in BUILTIN_MODELS:
+            raise ConfigError(f"model {spec!r}: unknown built-in model; known: {sorted(BUILTIN_MODELS)}")
+        return BUILTIN_MODELS[name]
+    if spec.startswith("hf:"):
+        return download_hub_model(spec.removeprefix("hf:"))
+    path = Path(spec) if Path(spec).is_absolute() else (base / spec).resolve()
+    if not (path / "config.json").exists():
+        raise ConfigError(f"model {spec!r}: {path} is not a checkpoint folder (no config.json)")
+    return path
+
+
+def download_hub_model(repo: str) -> Path:
+    """Fetch (or find in the cache) a hub checkpoint's config, tokenizer and safetensors weights."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision or None,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except LocalEntryNotFoundError as error:
+        raise ConfigError(
+            f"model 'hf:{repo}' is not in the local cache and the hub is unreachable or HF_HUB_OFFLINE=1 is set"
+        ) from error
+    return Path(folder)
+
+
+def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM from safetensors weights, in eval mode."""
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"{path} has no .safetensors weights; slimline does not unpickle .bin checkpoints")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return model.eval()
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a checkpoint."""
+    return AutoTokenizer.from_pretrained(path)
+
+
+def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
+    """Copy tokenizer files forward into a new artifact unless the stage wrote its own."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).exists() and not (destination / name).exists():
+            shutil.copy2(source / name, destination / name)
+            copied.append(name)
+    return copied
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in, from its config (float32 if unstated)."""
+    config = json.loads((path / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+def save_causal_lm(model: PreTrainedModel, folder: Path, dtype: torch.dtype) -> None:
+    """Save as safetensors in ``dtype`` (the parent's storage dtype, so sizes compare fairly)."""
+    model.to(dtype).save_pretrained(folder, safe_serialization=True)

@@ -1,0 +1,1 @@
+"""Pruning stages and their mask maths."""

@@ -1,0 +1,25 @@
+"""The explicit registry: stage kind -> the module that implements it.
+
+Each stage module defines ``KIND``, ``REQUIRES`` (optional packages, checked by preflight),
+``DEVICE`` ('cpu', 'any' or 'cuda'), a frozen pydantic ``Params`` model and
+``run(params, inputs, ctx) -> StageOutput``. Modules import their heavy optional packages
+inside ``run``, so listing them here never fails for a missing backend; an import error in
+our own code is never swallowed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+STAGES: dict[str, str] = {
+    "lora": "slimline.finetune.lora",
+    "prune.magnitude": "slimline.prune.magnitude",
+}
+
+
+def stage_module(kind: str) -> ModuleType:
+    """The module registered for ``kind``."""
+    module = importlib.import_module(STAGES[kind])
+    assert module.KIND == kind, f"{STAGES[kind]} declares KIND={module.KIND!r}, registered as {kind!r}"
+    return module

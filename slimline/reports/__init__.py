@@ -1,0 +1,1 @@
+"""Reports: per stage now; comparison and release gate later."""

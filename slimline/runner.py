@@ -1,0 +1,312 @@
+"""The runner: preflight, then walk the stage graph, reusing what is cached, then evaluate and report.
+
+Run folder layout::
+
+    runs/<name>/
+      input/artifact.json          the input model (format 'source': hashes of its files, not a copy)
+      input/report.{json,md}       its evaluation: the baseline every delta refers to
+      stages/<id>/                 one artifact per stage: model files, artifact.json, report.{json,md}
+      summary.json                 every stage's status and headline figures
+
+Caching: a stage's key hashes its kind, params, seed, the data it reads and its parent's key.
+A finished artifact with the same key is reused; a changed parameter changes that stage's key
+and so every dependent's key, and nothing else. An evaluation is cached by the artifact key
+plus the evaluation settings, so changing only the yardstick re-measures without re-running.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimline import __version__
+from slimline.artifacts import (
+    Artifact,
+    find_reusable,
+    hash_files,
+    hash_json,
+    new_work_folder,
+    publish,
+    remove_leftovers,
+    write_json_atomic,
+)
+from slimline.config import INPUT_ID, Pipeline, topological_order
+from slimline.data import load_texts, source_fingerprint, tokenize_stream
+from slimline.evaluate import Evaluator
+from slimline.models import copy_tokenizer_files, load_tokenizer, resolve_model_source
+from slimline.preflight import run_preflight
+from slimline.progress import Progress
+from slimline.registry import stage_module
+from slimline.reports.stage import evaluation_key, read_report, write_stage_report
+from slimline.stage import DataAccess, StageContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    """How one stage (or the input) ended in this run."""
+
+    stage_id: str
+    kind: str
+    status: str  # ran | reused | skipped | failed
+    reason: str = ""
+    artifact: Artifact | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """Every stage's result plus where the run lives."""
+
+    run_dir: Path
+    results: list[StageResult]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """True when no stage failed (skipped stages do not fail a run)."""
+        return all(r.status != "failed" for r in self.results)
+
+
+class Runner:
+    """Runs one validated pipeline into one run folder."""
+
+    def __init__(self, pipeline: Pipeline, run_dir: Path | None = None, progress: Progress | None = None) -> None:
+        """Set up paths; nothing is loaded until ``run``."""
+        self.pipeline = pipeline
+        self.config = pipeline.config
+        self.run_dir = (run_dir or Path("runs") / self.config.name).resolve()
+        self.progress = progress or Progress()
+        self.base = pipeline.source.parent
+        self.model_source = resolve_model_source(self.config.model, self.base)
+        self.data = DataAccess(self.load_stream)
+        self.results: dict[str, StageResult] = {}
+
+    def run(self) -> RunResult:
+        """Preflight, produce every artifact, evaluate and report each, write the summary."""
+        started = time.perf_counter()
+        skips = run_preflight(self.pipeline, self.run_dir, self.model_source)
+        (self.run_dir / "stages").mkdir(parents=True, exist_ok=True)
+        for leftover in remove_leftovers(self.run_dir / "stages") + remove_leftovers(self.run_dir):
+            log.info("removed %s left by an interrupted run", leftover.name)
+        torch.manual_seed(self.config.seed)
+        self.results[INPUT_ID] = self.produce_input()
+        for stage_id in topological_order(self.pipeline):
+            self.results[stage_id] = self.produce_stage(stage_id, skips.get(stage_id))
+        evaluator = Evaluator(self.config.evaluate, self.data, self.results[INPUT_ID].artifact, self.progress)
+        try:
+            for stage_id, result in self.results.items():
+                if result.artifact is not None:
+                    self.evaluate_and_report(stage_id, result, evaluator)
+                else:
+                    result.report = write_stage_report(
+                        self.stage_dir(stage_id), self.report_fields(stage_id, result), {}
+                    )
+        finally:
+            evaluator.close()
+        outcome = RunResult(self.run_dir, list(self.results.values()), time.perf_counter() - started)
+        write_json_atomic(self.run_dir / "summary.json", summarize(outcome, self.pipeline))
+        return outcome
+
+    # --- producing artifacts -------------------------------------------------------------
+
+    def stage_dir(self, stage_id: str) -> Path:
+        """Where a stage's artifact (or the input's record) lives."""
+        return self.run_dir / INPUT_ID if stage_id == INPUT_ID else self.run_dir / "stages" / stage_id
+
+    def produce_input(self) -> StageResult:
+        """Record the input model: a 'source' artifact that hashes the checkpoint's files in place."""
+        files = hash_files(self.model_source)
+        key = hash_json({"model": self.config.model, "files": files})
+        folder = self.stage_dir(INPUT_ID)
+        reused = find_reusable(folder, key)
+        if reused:
+            return StageResult(INPUT_ID, "input", "reused", artifact=reused)
+        work = new_work_folder(folder)
+        manifest = self.manifest(INPUT_ID, "input", "source", key, {}, [])
+        manifest.update(files=files, model_path=str(self.model_source))
+        return StageResult(INPUT_ID, "input", "ran", artifact=publish(work, folder, manifest))
+
+    def produce_stage(self, stage_id: str, preflight_skip: str | None) -> StageResult:
+        """Reuse, run, or skip one stage."""
+        stage = next(s for s in self.config.stages if s.id == stage_id)
+        parent = self.results[self.pipeline.parents[stage_id]]
+        if preflight_skip:
+            return StageResult(stage_id, stage.kind, "skipped", reason=preflight_skip)
+        if parent.artifact is None:
+            return StageResult(stage_id, stage.kind, "skipped", reason=f"its input {parent.stage_id!r} {parent.status}")
+        key = self.stage_key(stage_id, parent.artifact)
+        folder = self.stage_dir(stage_id)
+        reused = find_reusable(folder, key)
+        if reused:
+            log.info("%s: reusing the cached artifact", stage_id)
+            return StageResult(stage_id, stage.kind, "reused", artifact=reused)
+        started = time.perf_counter()
+        try:
+            artifact = self.run_stage(stage_id, stage.kind, key, parent.artifact, folder)
+        except Exception as error:  # a failed stage is reported; its siblings still run
+            log.error("%s failed: %s\n%s", stage_id, error, traceback.format_exc())
+            return StageResult(stage_id, stage.kind, "failed", reason=f"{type(error).__name__}: {error}")
+        return StageResult(stage_id, stage.kind, "ran", artifact=artifact, seconds=time.perf_counter() - started)
+
+    def run_stage(self, stage_id: str, kind: str, key: str, parent: Artifact, folder: Path) -> Artifact:
+        """Run a stage into a temporary folder and publish it; the temporary folder goes on failure."""
+        module = stage_module(kind)
+        params = self.pipeline.params[stage_id]
+        work = new_work_folder(folder)
+        try:
+            torch.manual_seed(self.config.seed)
+            ctx = StageContext(stage_id, work, self.config.seed, self.data, self.progress)
+            started = time.perf_counter()
+            output = module.run(params, [parent], ctx)
+            seconds = time.perf_counter() - started
+            copy_tokenizer_files(parent.model_path, work)
+            manifest = self.manifest(stage_id, kind, output.format, key, params.model_dump(mode="json"), [parent])
+            manifest["stage_metrics"] = output.metrics
+            manifest["stage_seconds"] = round(seconds, 2)
+            if output.base_model_path is not None:
+                manifest["base_model_path"] = str(output.base_model_path)
+            return publish(work, folder, manifest)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def stage_key(self, stage_id: str, parent: Artifact) -> str:
+        """Hash of everything that determines the stage's artifact."""
+        module = stage_module(self.pipeline.config.stages[self.stage_index(stage_id)].kind)
+        data = {split: source_fingerprint(self.data_source(split), self.base) for split in module.DATA}
+        return hash_json(
+            {
+                "kind": module.KIND,
+                "params": self.pipeline.params[stage_id].model_dump(mode="json"),
+                "parent": parent.key,
+                "seed": self.config.seed,
+                "data": data,
+            }
+        )
+
+    def stage_index(self, stage_id: str) -> int:
+        """Position of a stage in the pipeline file."""
+        return [s.id for s in self.config.stages].index(stage_id)
+
+    def manifest(
+        self, stage_id: str, kind: str, fmt: str, key: str, params: dict[str, Any], parents: list[Artifact]
+    ) -> dict[str, Any]:
+        """The manifest fields the runner owns (files are added by ``publish``)."""
+        return {
+            "format": fmt,
+            "stage": stage_id,
+            "kind": kind,
+            "key": key,
+            "params": params,
+            "parents": [{"stage": p.manifest["stage"], "key": p.key, "path": str(p.path)} for p in parents],
+            "seed": self.config.seed,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "versions": library_versions(),
+        }
+
+    # --- data ----------------------------------------------------------------------------
+
+    def data_source(self, split: str) -> Any:
+        """The configured source of a split; calibration falls back to train."""
+        data = self.config.data
+        return {"train": data.train, "eval": data.eval, "calibration": data.calibration or data.train}[split]
+
+    def load_stream(self, split: str) -> torch.Tensor:
+        """Tokenize a split with the input model's tokenizer."""
+        texts = load_texts(self.data_source(split), self.base)
+        return tokenize_stream(load_tokenizer(self.model_source), texts)
+
+    # --- evaluation and reports ----------------------------------------------------------
+
+    def evaluate_and_report(self, stage_id: str, result: StageResult, evaluator: Evaluator) -> None:
+        """Measure the artifact unless an up-to-date report exists, then write its report."""
+        folder = self.stage_dir(stage_id)
+        key = evaluation_key(
+            result.artifact, self.config.evaluate, source_fingerprint(self.config.data.eval, self.base)
+        )
+        cached = read_report(folder)
+        if cached and cached.get("evaluation_key") == key and cached.get("status") == "ok":
+            result.report = cached
+            return
+        started = time.perf_counter()
+        metrics = evaluator.evaluate(result.artifact, stage_id)
+        metrics["evaluate_seconds"] = round(time.perf_counter() - started, 2)
+        fields = self.report_fields(stage_id, result) | {"evaluation_key": key}
+        result.report = write_stage_report(folder, fields, metrics, self.baselines(stage_id))
+
+    def baselines(self, stage_id: str) -> dict[str, dict[str, Any]]:
+        """The reports deltas are taken against: the input model and the stage's parent."""
+        if stage_id == INPUT_ID:
+            return {}
+        parent_id = self.pipeline.parents[stage_id]
+        return {"input": self.results[INPUT_ID].report, "parent": self.results[parent_id].report}
+
+    def report_fields(self, stage_id: str, result: StageResult) -> dict[str, Any]:
+        """Report fields that come from the run rather than from measuring."""
+        manifest = result.artifact.manifest if result.artifact else {}
+        stage = None if stage_id == INPUT_ID else self.config.stages[self.stage_index(stage_id)]
+        return {
+            "stage": stage_id,
+            "kind": result.kind,
+            "status": "ok" if result.artifact else result.status,
+            "reason": result.reason,
+            "parent": None if stage is None else self.pipeline.parents[stage_id],
+            "params": manifest.get("params", stage.params if stage else {}),
+            "format": manifest.get("format"),
+            "stage_metrics": manifest.get("stage_metrics", {}),
+            "stage_seconds": manifest.get("stage_seconds", 0.0),
+            "artifact": str(result.artifact.path) if result.artifact else None,
+        }
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape an artifact."""
+    import transformers
+
+    versions = {"slimline": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    versions["transformers"] = transformers.__version__
+    try:
+        import peft
+
+        versions["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def summarize(outcome: RunResult, pipeline: Pipeline) -> dict[str, Any]:
+    """summary.json: each stage's status and headline figures, in run order."""
+    rows = []
+    for result in outcome.results:
+        report = result.report
+        rows.append(
+            {
+                "stage": result.stage_id,
+                "kind": result.kind,
+                "status": result.status,
+                "reason": result.reason,
+                "backend": report.get("backend"),
+                "metrics": report.get("metrics", {}),
+                "deltas": report.get("deltas", {}),
+                "stage_seconds": round(result.seconds, 2),
+            }
+        )
+    return {
+        "pipeline": pipeline.config.name,
+        "source": str(pipeline.source),
+        "ok": outcome.ok,
+        "seconds": round(outcome.seconds, 2),
+        "stages": rows,
+    }

@@ -1,0 +1,121 @@
+"""Pipeline validation: every problem is refused before work starts, with file, line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from slimline.config import load_pipeline, pipeline_json_schema, topological_order
+from slimline.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+GOOD = """\
+name: demo
+model: builtin:stdlib-coder
+stages:
+  - id: tuned
+    kind: lora
+    params: {rank: 4, steps: 2}
+  - id: sparse
+    kind: prune.magnitude
+    params:
+      sparsity: 0.5
+  - id: other
+    kind: prune.magnitude
+    from: tuned
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_pipeline_resolves_parents_in_order(tmp_path: Path) -> None:
+    pipeline = load_pipeline(write(tmp_path, GOOD))
+    assert pipeline.parents == {"tuned": "input", "sparse": "tuned", "other": "tuned"}
+    assert topological_order(pipeline) == ["tuned", "sparse", "other"]
+    assert pipeline.params["tuned"].rank == 4
+    assert pipeline.params["sparse"].sparsity == 0.5
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "field", "expected"),
+    [
+        # unknown keys, at every level
+        ("name: demo", "name: demo\nstagez: []", 2, "stagez", "unknown field"),
+        ("    kind: lora\n", "    kind: lora\n    parms: {}\n", 6, "stages[0].parms", "unknown field"),
+        ("{rank: 4, steps: 2}", "{rank: 4, stepz: 2}", 6, "stages[0].params.stepz", "unknown field"),
+        # wrong types and ranges in stage params
+        ("{rank: 4, steps: 2}", "{rank: 0, steps: 2}", 6, "stages[0].params.rank", "greater than or equal to 1"),
+        ("{rank: 4, steps: 2}", "{rank: four, steps: 2}", 6, "stages[0].params.rank", "valid integer"),
+        ("sparsity: 0.5", "sparsity: 1.5", 10, "stages[1].params.sparsity", "less than 1"),
+        # unknown kinds, dangling and circular references, duplicate ids
+        ("kind: lora", "kind: loraa", 5, "stages[0].kind", "unknown kind 'loraa'"),
+        ("from: tuned", "from: tunned", 13, "stages[2].from", "no stage with id 'tunned'"),
+        ("id: other", "id: tuned", 11, "stages[2].id", "duplicate stage id 'tuned'"),
+        ("id: tuned\n    kind: lora", "id: tuned\n    from: other\n    kind: lora", 3, "stages", "cycle"),
+        # top-level fields
+        ("name: demo\n", "", 1, "name", "required field is missing"),
+        ("name: demo", "name: demo\nseed: abc", 2, "seed", "valid integer"),
+        ("name: demo", "name: demo\ndata: {train: wikitext}", 2, "data.train", "builtin:stdlib"),
+        ("name: demo", "name: demo\nrelease: {candidate: nope}", 2, "release.candidate", "no stage with id 'nope'"),
+        (
+            "name: demo",
+            "name: demo\nevaluate: {latency: {repeats: 0}}",
+            2,
+            "evaluate.latency.repeats",
+            "greater than 0",
+        ),
+        ("builtin:stdlib-coder", "builtin:stdlib-codr", 2, "model", "unknown built-in model 'stdlib-codr'"),
+        ("builtin:stdlib-coder", "./no/such/folder", 2, "model", "has no config.json"),
+    ],
+)
+def test_bad_pipeline_names_file_line_and_field(
+    tmp_path: Path, old: str, new: str, line: int, field: str, expected: str
+) -> None:
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(path)
+    message = str(caught.value)
+    assert f"{path}:{line}: {field}:" in message, message
+    assert expected in message
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = GOOD.replace("{rank: 4, steps: 2}", "{rank: 0, steps: 2}").replace("kind: prune.magnitude", "kind: nope", 1)
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(write(tmp_path, text))
+    assert "2 problems" in str(caught.value)
+
+
+def test_not_yaml_and_missing_file_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_pipeline(write(tmp_path, "name: [unclosed"))
+    with pytest.raises(ConfigError, match="no such pipeline file"):
+        load_pipeline(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_pipeline(write(tmp_path, "- just a list"))
+
+
+def test_overrides_address_stages_by_id(tmp_path: Path) -> None:
+    pipeline = load_pipeline(write(tmp_path, GOOD), ["stages.tuned.params.rank=16", "seed=7"])
+    assert pipeline.params["tuned"].rank == 16
+    assert pipeline.config.seed == 7
+    with pytest.raises(ConfigError, match="no stage with id 'missing'"):
+        load_pipeline(write(tmp_path, GOOD), ["stages.missing.params.rank=1"])
+    with pytest.raises(ConfigError, match=r"stages\[0\].params.rank"):
+        load_pipeline(write(tmp_path, GOOD), ["stages.tuned.params.rank=0"])
+
+
+def test_schema_lists_kinds_and_their_params() -> None:
+    schema = pipeline_json_schema()
+    stage = schema["$defs"]["StageConfig"]
+    assert {"lora", "prune.magnitude"} <= set(stage["properties"]["kind"]["enum"])
+    lora = next(b for b in stage["allOf"] if b["if"]["properties"]["kind"]["const"] == "lora")
+    assert "rank" in lora["then"]["properties"]["params"]["properties"]
+    assert schema["additionalProperties"] is False

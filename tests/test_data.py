@@ -1,0 +1,72 @@
+"""Data sources and deterministic splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimline.config import LocalData
+from slimline.data import load_texts, pack_tokens, sample_windows, source_fingerprint, split_of, stdlib_documents
+from slimline.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def test_split_is_stable_and_roughly_proportional() -> None:
+    names = [f"doc-{i}" for i in range(20_000)]
+    splits = [split_of(name) for name in names]
+    assert splits == [split_of(name) for name in names]
+    assert splits.count("eval") / len(names) == pytest.approx(0.04, abs=0.01)
+    assert splits.count("calibration") / len(names) == pytest.approx(0.02, abs=0.01)
+
+
+def test_stdlib_splits_are_disjoint_and_cover_the_corpus() -> None:
+    train = {name for name, _ in stdlib_documents("train")}
+    held_out = {name for name, _ in stdlib_documents("eval")}
+    calibration = {name for name, _ in stdlib_documents("calibration")}
+    assert len(held_out) > 20 and len(train) > 1000
+    assert not (train & held_out) and not (train & calibration) and not (held_out & calibration)
+    assert train | held_out | calibration == {name for name, _ in stdlib_documents("all")}
+    assert not any("site-packages" in name for name in train)
+
+
+def test_local_jsonl_and_text(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"text {i}"}) for i in range(50)))
+    texts = load_texts(LocalData(path=Path("data.jsonl"), field="body"), tmp_path)
+    assert texts[:2] == ["text 0", "text 1"] and len(texts) == 50
+    held_out = load_texts(LocalData(path=path, field="body", split="eval"), tmp_path)
+    assert set(held_out) < set(texts)
+    (tmp_path / "notes.txt").write_text("first block\n\nsecond block\n")
+    assert load_texts(LocalData(path=Path("notes.txt")), tmp_path) == ["first block", "second block\n"]
+
+
+def test_bad_sources_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(ConfigError, match="has no field 'text'"):
+        load_texts(LocalData(path=Path("data.jsonl")), tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_texts(LocalData(path=Path("missing.jsonl")), tmp_path)
+    with pytest.raises(ConfigError, match="builtin:stdlib/<train"):
+        load_texts("builtin:stdlib/test", tmp_path)
+
+
+def test_fingerprint_follows_file_content(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("one")
+    before = source_fingerprint(LocalData(path=path), tmp_path)
+    path.write_text("two")
+    assert source_fingerprint(LocalData(path=path), tmp_path) != before
+
+
+def test_pack_and_sample_windows() -> None:
+    stream = pack_tokens([[5, 6], [7]], separator=0)
+    assert stream.tolist() == [5, 6, 0, 7, 0]
+    windows = sample_windows(torch.arange(100), 8, 10, torch.Generator().manual_seed(0))
+    assert windows.shape == (8, 10)
+    assert all((row[1:] - row[:-1] == 1).all() for row in windows)
+    with pytest.raises(ConfigError, match="at least 11 are needed"):
+        sample_windows(torch.arange(10), 1, 10, torch.Generator())
