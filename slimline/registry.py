@@ -14,7 +14,9 @@ from types import ModuleType
 
 STAGES: dict[str, str] = {
     "lora": "slimline.finetune.lora",
+    "distill": "slimline.distill.distill",
     "prune.magnitude": "slimline.prune.magnitude",
+    "prune.structured": "slimline.prune.structured",
 }
 
 

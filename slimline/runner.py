@@ -39,7 +39,7 @@ from slimline.artifacts import (
     remove_leftovers,
     write_json_atomic,
 )
-from slimline.config import INPUT_ID, Pipeline, topological_order
+from slimline.config import INPUT_ID, DataSource, Pipeline, topological_order
 from slimline.data import load_texts, source_fingerprint, tokenize_stream
 from slimline.evaluate import Evaluator
 from slimline.models import copy_tokenizer_files, load_tokenizer, resolve_model_source
@@ -218,7 +218,7 @@ class Runner:
 
     # --- data ----------------------------------------------------------------------------
 
-    def data_source(self, split: str) -> Any:
+    def data_source(self, split: str) -> DataSource:
         """The configured source of a split; calibration falls back to train."""
         data = self.config.data
         return {"train": data.train, "eval": data.eval, "calibration": data.calibration or data.train}[split]

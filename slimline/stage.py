@@ -7,6 +7,7 @@ atomic publishing, tokenizer files, caching and reports.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,8 @@ class StageOutput:
 class DataAccess:
     """Tokenized data for stages, loaded on first use and shared within a run."""
 
-    def __init__(self, loader: Any) -> None:
-        """``loader(split) -> torch.Tensor`` returns the token stream of a split."""
+    def __init__(self, loader: Callable[[str], torch.Tensor]) -> None:
+        """``loader(split)`` returns the token stream of a split."""
         self._loader = loader
         self._streams: dict[str, torch.Tensor] = {}
 

@@ -31,17 +31,16 @@ TOKENIZER_FILES = (
 
 def resolve_model_source(spec: str, base: Path) -> Path:
     """The local folder holding the checkpoint named by ``spec``."""
+    from slimline.config import check_model_source
+
+    problem = check_model_source(spec, base)
+    if problem:
+        raise ConfigError(f"model {spec!r}: {problem}")
     if spec.startswith("builtin:"):
-        name = spec.removeprefix("builtin:")
-        if name not in BUILTIN_MODELS:
-            raise ConfigError(f"model {spec!r}: unknown built-in model; known: {sorted(BUILTIN_MODELS)}")
-        return BUILTIN_MODELS[name]
+        return BUILTIN_MODELS[spec.removeprefix("builtin:")]
     if spec.startswith("hf:"):
         return download_hub_model(spec.removeprefix("hf:"))
-    path = Path(spec) if Path(spec).is_absolute() else (base / spec).resolve()
-    if not (path / "config.json").exists():
-        raise ConfigError(f"model {spec!r}: {path} is not a checkpoint folder (no config.json)")
-    return path
+    return Path(spec) if Path(spec).is_absolute() else (base / spec).resolve()
 
 
 def download_hub_model(repo: str) -> Path:

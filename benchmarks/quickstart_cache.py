@@ -1,0 +1,88 @@
+"""Time the quickstart pipeline cold and fully cached, side by side in one invocation.
+
+    python benchmarks/quickstart_cache.py [--out benchmarks/results]
+
+Writes quickstart_cache.json and quickstart_cache.md: wall time of each run of
+`slimline run pipelines/quickstart.yaml` (a fresh run folder, then the same folder again), each
+stage's status, and the headline figures of every artifact from the first run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_run(run_dir: Path) -> tuple[float, dict]:
+    """Wall seconds of one `slimline run` subprocess and its summary.json."""
+    started = time.perf_counter()
+    command = [
+        sys.executable,
+        "-m",
+        "slimline.cli",
+        "run",
+        str(ROOT / "pipelines" / "quickstart.yaml"),
+        "--out",
+        str(run_dir),
+        "--ci",
+    ]
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - started, json.loads((run_dir / "summary.json").read_text())
+
+
+def markdown(result: dict) -> str:
+    """The benchmark as a Markdown table."""
+    lines = [
+        "# Quickstart: cold run vs cached re-run",
+        "",
+        f"Machine: {result['machine']}. Command: `python benchmarks/quickstart_cache.py`.",
+        "",
+        f"- cold run: **{result['cold_seconds']:.1f} s** (statuses: {result['cold_statuses']})",
+        f"- cached re-run: **{result['warm_seconds']:.1f} s** (statuses: {result['warm_statuses']})",
+        "",
+        "| stage | perplexity | top-1 | KL vs input | decode tok/s | p95 ms | size MB | peak MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in result["stages"]:
+        a, lat = row["metrics"]["accuracy"], row["metrics"]["latency"]
+        lines.append(
+            f"| {row['stage']} | {a['perplexity']:.3f} | {a['top1_accuracy']:.3f} | {a['kl_vs_input']:.4f} | "
+            f"{lat['decode_tokens_per_s']:.1f} | {lat['token_p95_ms']:.1f} | {row['metrics']['size_mb']:.1f} | "
+            f"{lat['peak_memory_mb'] if lat['peak_memory_mb'] is None else round(lat['peak_memory_mb'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Run cold, then warm, and write JSON + Markdown."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = Path(folder) / "run"
+        cold_seconds, cold = timed_run(run_dir)
+        warm_seconds, warm = timed_run(run_dir)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}",
+        "cold_seconds": round(cold_seconds, 2),
+        "warm_seconds": round(warm_seconds, 2),
+        "cold_statuses": {row["stage"]: row["status"] for row in cold["stages"]},
+        "warm_statuses": {row["stage"]: row["status"] for row in warm["stages"]},
+        "stages": cold["stages"],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quickstart_cache.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "quickstart_cache.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

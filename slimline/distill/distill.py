@@ -1,0 +1,170 @@
+"""Knowledge distillation into a smaller student (Hinton et al., 2015, "Distilling the Knowledge in a Neural Network").
+
+The student (fewer layers, optionally narrower) learns the teacher's softened next-token
+distribution: KL(teacher_T || student_T) scaled by T^2, mixed with cross-entropy on the hard
+labels (weight ``alpha``), plus an optional last-hidden-state MSE through a learned projection.
+It keeps the teacher's tokenizer, so it can serve as a speculative-decoding draft.
+
+```yaml
+- id: draft
+  kind: distill
+  from: tuned
+  params: {student: {layers: 2}, temperature: 2.0, alpha: 0.5, steps: 600}
+```
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PretrainedConfig
+
+from slimline.artifacts import Artifact
+from slimline.distill.student import build_student, student_config
+from slimline.errors import StageError
+from slimline.evaluate.accuracy import token_windows
+from slimline.models import count_parameters, load_causal_lm, save_causal_lm, stored_dtype
+from slimline.stage import StageContext, StageOutput, StageParams
+from slimline.training import TrainSettings, train_steps
+
+log = logging.getLogger(__name__)
+
+KIND = "distill"
+REQUIRES: tuple[str, ...] = ()
+EXTRA = "dev"
+DEVICE = "cpu"
+DATA = ("train", "eval")
+
+# Held-out tokens on which the stage measures the student's top-1 agreement with its teacher.
+AGREEMENT_TOKENS = 4096
+
+
+class StudentSpec(BaseModel):
+    """The student's shape, relative to the teacher."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers: int = Field(ge=1, description="Decoder layers; fewer than the teacher's.")
+    hidden_size: int | None = Field(None, ge=64, description="Width; default the teacher's. Keep it a multiple of 256.")
+    intermediate_size: int | None = Field(None, ge=64, description="FFN width; default scaled with hidden_size.")
+    attention_heads: int | None = Field(None, ge=1, description="Heads; default keeps the teacher's head size.")
+    init: Literal["teacher", "fresh"] = Field(
+        "teacher",
+        description="'teacher' copies embeddings and evenly spaced layers (same width only); 'fresh' is random.",
+    )
+
+
+class Params(StageParams, TrainSettings):
+    """Distillation settings; optimisation settings come from TrainSettings."""
+
+    student: StudentSpec = Field(description="The student's shape.")
+    temperature: float = Field(2.0, gt=0, description="Softening of both distributions; the KL term is scaled by T^2.")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the hard-label cross-entropy; 1 - alpha goes to the KL term."
+    )
+    hidden_weight: float = Field(
+        0.0, ge=0, description="Weight of the last-hidden-state MSE (learned projection); 0 = off."
+    )
+    steps: int = Field(600, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate; a small student trains well at 1e-3.")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """How the distillation loss mixes its terms."""
+
+    temperature: float
+    alpha: float
+    hidden_weight: float = 0.0
+
+
+class DistillationPair(torch.nn.Module):
+    """Student + projection (trainable) beside a frozen teacher, so one loop trains both parts."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, weights: LossWeights) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher.requires_grad_(False)
+        self.weights = weights
+        s_hidden, t_hidden = student.config.hidden_size, teacher.config.hidden_size
+        self.projection = torch.nn.Linear(s_hidden, t_hidden, bias=False) if weights.hidden_weight > 0 else None
+
+
+def distillation_loss(pair: DistillationPair, batch: torch.Tensor) -> torch.Tensor:
+    """(1 - alpha) T^2 KL(teacher_T || student_T) + alpha CE(labels) + hidden_weight MSE(hidden)."""
+    weights, inputs, labels = pair.weights, batch[:, :-1], batch[:, 1:]
+    want_hidden = pair.projection is not None
+    pair.teacher.eval()
+    with torch.no_grad():
+        teacher_out = pair.teacher(input_ids=inputs, output_hidden_states=want_hidden)
+    student_out = pair.student(input_ids=inputs, output_hidden_states=want_hidden)
+    s_logits, t_logits = student_out.logits.float().flatten(0, 1), teacher_out.logits.float().flatten(0, 1)
+    T = weights.temperature
+    kl = F.kl_div(
+        F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True, reduction="batchmean"
+    )
+    loss = (1 - weights.alpha) * T * T * kl + weights.alpha * F.cross_entropy(s_logits, labels.flatten())
+    if want_hidden:
+        projected = pair.projection(student_out.hidden_states[-1].float())
+        loss = loss + weights.hidden_weight * F.mse_loss(projected, teacher_out.hidden_states[-1].float())
+    return loss
+
+
+@torch.inference_mode()
+def top1_agreement(student: torch.nn.Module, teacher: torch.nn.Module, stream: torch.Tensor, window: int) -> float:
+    """Share of held-out positions where student and teacher predict the same next token."""
+    agree = total = 0
+    for chunk in token_windows(stream, AGREEMENT_TOKENS, window):
+        ids = chunk[None, :-1]
+        agree += (student(input_ids=ids).logits.argmax(-1) == teacher(input_ids=ids).logits.argmax(-1)).sum().item()
+        total += ids.numel()
+    return agree / total
+
+
+def check_student(teacher_config: PretrainedConfig, spec: StudentSpec) -> None:
+    """Refuse a student that is not smaller than its teacher, or a teacher init across widths."""
+    hidden = spec.hidden_size or teacher_config.hidden_size
+    if spec.layers > teacher_config.num_hidden_layers or hidden > teacher_config.hidden_size:
+        raise StageError(
+            f"student ({spec.layers} layers, hidden {hidden}) is larger than its teacher "
+            f"({teacher_config.num_hidden_layers} layers, hidden {teacher_config.hidden_size})"
+        )
+    if spec.init == "teacher" and hidden != teacher_config.hidden_size:
+        raise StageError("student.init 'teacher' copies layers and needs the teacher's hidden_size; use init: fresh")
+
+
+def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
+    """Build the student, distill it on the train split, save it with the teacher's tokenizer."""
+    parent = inputs[0]
+    if parent.format not in ("hf", "source"):
+        raise StageError(f"distill needs a full teacher model; {parent.manifest['stage']!r} is {parent.format!r}")
+    teacher = load_causal_lm(parent.model_path)
+    check_student(teacher.config, params.student)
+    spec = params.student
+    config = student_config(teacher.config, spec.layers, spec.hidden_size, spec.intermediate_size, spec.attention_heads)
+    student = build_student(teacher, config, init_from_teacher=spec.init == "teacher")
+    log.info(
+        "%s: student %.1fM parameters, teacher %.1fM",
+        ctx.stage_id,
+        count_parameters(student) / 1e6,
+        count_parameters(teacher) / 1e6,
+    )
+    pair = DistillationPair(student, teacher, LossWeights(params.temperature, params.alpha, params.hidden_weight))
+    losses = train_steps(pair, ctx.data.stream("train"), params, ctx, loss_fn=distillation_loss)
+    agreement = top1_agreement(student, teacher, ctx.data.stream("eval"), params.sequence_length)
+    save_causal_lm(student, ctx.work_dir, stored_dtype(parent.model_path))
+    return StageOutput(
+        format="hf",
+        metrics={
+            "student_parameters": count_parameters(student),
+            "teacher_parameters": count_parameters(teacher),
+            "parameter_ratio": count_parameters(student) / count_parameters(teacher),
+            "top1_agreement_with_teacher": agreement,
+            "loss_curve": losses,
+        },
+    )
