@@ -12,11 +12,13 @@ then either merges them into the weights (format ``hf``) or saves the adapter al
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from slimline.artifacts import Artifact
 from slimline.errors import StageError
@@ -47,6 +49,10 @@ class Params(StageParams, TrainSettings):
         description="Module names to adapt; default: every attention and MLP projection.",
     )
     merge: bool = Field(True, description="Merge the adapter into the weights (hf) or save it alone (peft).")
+    quantize_base: Literal["none", "nf4"] = Field(
+        "none",
+        description="QLoRA: train over a frozen NF4 base (bitsandbytes, double quantization); a merged output is full precision.",
+    )
     learning_rate: float = Field(
         5e-4, gt=0, description="Peak learning rate; adapters tolerate higher rates than full fine-tuning."
     )
@@ -60,6 +66,13 @@ class Params(StageParams, TrainSettings):
             raise ValueError(f"expected module names such as 'q_proj', got {bad}")
         return value
 
+    @model_validator(mode="after")
+    def check_qlora_backend(self) -> Params:
+        """QLoRA needs bitsandbytes; say so before any work starts."""
+        if self.quantize_base == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("quantize_base 'nf4' needs bitsandbytes: pip install 'slimline[qlora]'")
+        return self
+
 
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Load the parent, attach adapters, train on the train split, merge or save the adapter."""
@@ -68,7 +81,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     parent = inputs[0]
     if parent.format not in ("hf", "source"):
         raise StageError(f"lora needs a full model as input; {parent.manifest['stage']!r} is {parent.format!r}")
-    model = load_causal_lm(parent.model_path)
+    model = load_base(parent, params.quantize_base)
     check_target_modules(model, params.target_modules)
     config = LoraConfig(
         r=params.rank,
@@ -84,7 +97,12 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     losses = train_steps(peft_model, ctx.data.stream("train"), params, ctx)
     peft_model.eval()
     if params.merge:
-        save_causal_lm(peft_model.merge_and_unload(), ctx.work_dir, stored_dtype(parent.model_path))
+        merged = (
+            merge_into_full_precision(peft_model, config, parent)
+            if params.quantize_base == "nf4"
+            else peft_model.merge_and_unload()
+        )
+        save_causal_lm(merged, ctx.work_dir, stored_dtype(parent.model_path))
     else:
         peft_model.save_pretrained(ctx.work_dir, safe_serialization=True)
     return StageOutput(
@@ -99,8 +117,36 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     )
 
 
+def load_base(parent: Artifact, quantize_base: str) -> torch.nn.Module:
+    """The model to adapt: full precision, or NF4-quantized and prepared for k-bit training (QLoRA)."""
+    if quantize_base == "none":
+        return load_causal_lm(parent.model_path)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = load_causal_lm(parent.model_path, quantization_config=quantization)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def merge_into_full_precision(peft_model: torch.nn.Module, config: object, parent: Artifact) -> torch.nn.Module:
+    """QLoRA merge: apply the trained adapter to the full-precision base, not to its NF4 copy."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter = get_peft_model_state_dict(peft_model)
+    full = get_peft_model(load_causal_lm(parent.model_path), config)
+    set_peft_model_state_dict(full, adapter)
+    return full.merge_and_unload()
+
+
 def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
     """Fail loudly when a target names no module of this model."""
+    # bitsandbytes' Linear4bit subclasses torch.nn.Linear, so QLoRA bases are covered too.
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     unknown = sorted(set(targets) - names)
     if unknown:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -62,11 +63,12 @@ def download_hub_model(repo: str) -> Path:
     return Path(folder)
 
 
-def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A causal LM from safetensors weights, in eval mode."""
+def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> PreTrainedModel:
+    """A causal LM from safetensors weights, in eval mode, optionally quantized on load (bitsandbytes)."""
     if not any(path.glob("*.safetensors")):
         raise ConfigError(f"{path} has no .safetensors weights; slimline does not unpickle .bin checkpoints")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    extra = {"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **extra)
     return model.eval()
 
 
