@@ -78,7 +78,7 @@ def setup_logging(quiet: bool, ci: bool) -> None:
 
 def fail(error: SlimlineError) -> None:
     """Print a refusal and exit 2 (bad input) without a traceback."""
-    console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -122,7 +122,7 @@ def validate(pipeline: PipelineArg, overrides: OverrideOpt = None) -> None:
     except SlimlineError as error:
         fail(error)
     stages = ", ".join(f"{s.id} ({s.kind})" for s in loaded.config.stages) or "no stages"
-    console.print(f"{pipeline}: valid pipeline {loaded.config.name!r}: {stages}", highlight=False)
+    console.print(f"{pipeline}: valid pipeline {loaded.config.name!r}: {stages}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -136,7 +136,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs
     """Print the summary table of a finished run."""
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
-        console.print(f"[bold red]error:[/] {summary_path} not found: is {run_dir} a run folder?")
+        console.print(f"[bold red]error:[/] {summary_path} not found: is {run_dir} a run folder?", soft_wrap=True)
         raise typer.Exit(2)
     print_summary(json.loads(summary_path.read_text()))
 

@@ -30,9 +30,10 @@ class Strict(BaseModel):
 
 
 class LocalData(Strict):
-    """A local ``.txt`` or ``.jsonl`` file."""
+    """A local ``.txt`` or ``.jsonl`` file, or a folder of text files (one document per file)."""
 
-    path: Path = Field(description="File path, relative to the pipeline file.")
+    path: Path = Field(description="File or folder path, relative to the pipeline file.")
+    glob: str = Field("**/*.txt", description="Folder only: which files are documents, e.g. '**/*.py'.")
     field: str | None = Field(None, description="jsonl only: the record field holding the text (default 'text').")
     split: Literal["train", "eval", "calibration", "all"] = Field(
         "all", description="Keep only this hash-based split of the file's documents."
@@ -188,6 +189,8 @@ def validate_data(data: dict[str, Any], path: Path) -> tuple[Pipeline | None, li
     model_problem = check_model_source(config.model, path.resolve().parent)
     if model_problem:
         problems.append(Problem(("model",), model_problem))
+    elif not problems:
+        problems += check_stages_against_model(config, params, parents, path.resolve().parent)
     if config.release and config.release.candidate not in parents:
         problems.append(
             Problem(
@@ -210,6 +213,27 @@ def check_model_source(spec: str, base: Path) -> str | None:
     if not (folder / "config.json").exists():
         return f"expected 'builtin:<name>', 'hf:<org>/<name>' or a checkpoint folder; {folder} has no config.json"
     return None
+
+
+def check_stages_against_model(
+    config: PipelineConfig, params: dict[str, BaseModel], parents: dict[str, str], base: Path
+) -> list[Problem]:
+    """Walk the stages with the shape each one's input will have; collect what cannot fit (student > teacher...)."""
+    from slimline.models import read_model_shape
+
+    shape = read_model_shape(config.model, base)
+    if shape is None:  # a hub model not fetched yet: the stages check themselves when they run
+        return []
+    shapes = {INPUT_ID: shape}
+    problems = []
+    pipeline = Pipeline(config, params, parents, base)
+    for stage_id in topological_order(pipeline):
+        index = [s.id for s in config.stages].index(stage_id)
+        found, shapes[stage_id] = stage_module(config.stages[index].kind).check_shape(
+            params[stage_id], shapes[parents[stage_id]]
+        )
+        problems += [Problem(("stages", index, "params", *loc), message) for loc, message in found]
+    return problems
 
 
 def validate_stage_params(config: PipelineConfig, problems: list[Problem]) -> dict[str, BaseModel]:

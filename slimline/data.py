@@ -7,7 +7,7 @@ split on every machine, whatever order the files are listed in.
 ```yaml
 data:
   train: builtin:stdlib/train            # the Python standard library's own source files
-  eval: {path: notes.jsonl, field: text, split: eval}
+  eval: {path: notes.jsonl, field: text, split: eval}  # or {path: src/, glob: "**/*.py"}
   calibration: hf:wikitext:wikitext-2-raw-v1@train
 ```
 """
@@ -66,6 +66,18 @@ def stdlib_documents(split: Split) -> list[tuple[str, str]]:
             continue
         # A few test files are deliberately not UTF-8; replacement keeps them as plain text.
         docs.append((rel, path.read_bytes().decode("utf-8", errors="replace")))
+    return docs
+
+
+def read_folder_documents(folder: Path, pattern: str) -> list[tuple[str, str]]:
+    """(relative path, text) of every file under ``folder`` matching ``pattern``, one document each."""
+    docs = [
+        (path.relative_to(folder).as_posix(), path.read_bytes().decode("utf-8", errors="replace"))
+        for path in sorted(folder.glob(pattern))
+        if path.is_file()
+    ]
+    if not docs:
+        raise ConfigError(f"data folder {folder} has no files matching {pattern!r}")
     return docs
 
 
@@ -128,7 +140,8 @@ def load_texts(source: str | LocalData, base: Path) -> list[str]:
     """The documents of a data source (see the module docstring for the forms)."""
     if isinstance(source, LocalData):
         path = source.path if source.path.is_absolute() else base / source.path
-        return select_split(read_local_documents(path, source.field), source.split)
+        docs = read_folder_documents(path, source.glob) if path.is_dir() else read_local_documents(path, source.field)
+        return select_split(docs, source.split)
     kind, _, spec = source.partition(":")
     if kind == "builtin":
         corpus, _, split = spec.partition("/")
@@ -142,8 +155,11 @@ def source_fingerprint(source: str | LocalData, base: Path) -> str:
     """What identifies a source's content for caching: its spec plus the bytes behind it."""
     if isinstance(source, LocalData):
         path = source.path if source.path.is_absolute() else base / source.path
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
-        return f"{path}:{source.field}:{source.split}:{digest}"
+        files = sorted(path.glob(source.glob)) if path.is_dir() else [path]
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.read_bytes() if file.is_file() else b"missing")
+        return f"{path}:{source.glob}:{source.field}:{source.split}:{digest.hexdigest()}"
     if source.startswith("builtin:stdlib"):
         # The corpus is this interpreter's stdlib: same Python version, same files.
         return f"{source}:python-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"

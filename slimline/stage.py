@@ -44,6 +44,26 @@ class StageOutput:
     base_model_path: Path | None = None  # peft adapters: the model they apply to
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What validation knows of a model before any weights load: its config and linear-layer names."""
+
+    config: dict[str, Any]
+    linear_names: frozenset[str]
+
+    def changed(self, **config_changes: Any) -> ModelShape:
+        """The same model with some config fields changed (a stage's output)."""
+        return ModelShape({**self.config, **config_changes}, self.linear_names)
+
+
+ShapeProblems = list[tuple[tuple[str, ...], str]]
+
+
+def same_shape(params: StageParams, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
+    """``check_shape`` for stages that neither need nor change anything of the model's shape."""
+    return [], shape
+
+
 class DataAccess:
     """Tokenized data for stages, loaded on first use and shared within a run."""
 

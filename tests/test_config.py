@@ -71,6 +71,35 @@ def test_good_pipeline_resolves_parents_in_order(tmp_path: Path) -> None:
             "greater than 0",
         ),
         ("builtin:stdlib-coder", "builtin:stdlib-codr", 2, "model", "unknown built-in model 'stdlib-codr'"),
+        # params that cannot fit the model they will meet
+        (
+            "{rank: 4, steps: 2}",
+            "{rank: 4, target_modules: [q_proj, qkv]}",
+            6,
+            "stages[0].params.target_modules",
+            "['qkv'] match no linear",
+        ),
+        (
+            "kind: lora\n    params: {rank: 4, steps: 2}",
+            "kind: distill\n    params: {student: {layers: 9}}",
+            6,
+            "stages[0].params.student",
+            "larger than its teacher",
+        ),
+        (
+            "kind: lora\n    params: {rank: 4, steps: 2}",
+            "kind: distill\n    params: {student: {layers: 2, hidden_size: 256}}",
+            6,
+            "stages[0].params.student.init",
+            "use init: fresh",
+        ),
+        (
+            "kind: lora\n    params: {rank: 4, steps: 2}",
+            "kind: prune.structured\n    params: {drop_layers: 8}",
+            6,
+            "stages[0].params.drop_layers",
+            "would remove all 8 layers",
+        ),
         ("builtin:stdlib-coder", "./no/such/folder", 2, "model", "has no config.json"),
     ],
 )

@@ -44,6 +44,18 @@ def test_local_jsonl_and_text(tmp_path: Path) -> None:
     assert load_texts(LocalData(path=Path("notes.txt")), tmp_path) == ["first block", "second block\n"]
 
 
+def test_folder_of_files_is_split_by_relative_path(tmp_path: Path) -> None:
+    for i in range(60):
+        (tmp_path / "src" / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / f"pkg{i % 3}" / f"m{i}.py").write_text(f"x = {i}\n")
+    every = load_texts(LocalData(path=Path("src"), glob="**/*.py"), tmp_path)
+    assert len(every) == 60
+    train = load_texts(LocalData(path=Path("src"), glob="**/*.py", split="train"), tmp_path)
+    assert 40 < len(train) < 60
+    with pytest.raises(ConfigError, match="no files matching"):
+        load_texts(LocalData(path=Path("src"), glob="**/*.md"), tmp_path)
+
+
 def test_bad_sources_are_refused(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").write_text(json.dumps({"body": "x"}))
     with pytest.raises(ConfigError, match="has no field 'text'"):

@@ -22,14 +22,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import PretrainedConfig
 
 from slimline.artifacts import Artifact
 from slimline.distill.student import build_student, student_config
 from slimline.errors import StageError
 from slimline.evaluate.accuracy import token_windows
 from slimline.models import count_parameters, load_causal_lm, save_causal_lm, stored_dtype
-from slimline.stage import StageContext, StageOutput, StageParams
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
 from slimline.training import TrainSettings, train_steps
 
 log = logging.getLogger(__name__)
@@ -126,16 +125,25 @@ def top1_agreement(student: torch.nn.Module, teacher: torch.nn.Module, stream: t
     return agree / total
 
 
-def check_student(teacher_config: PretrainedConfig, spec: StudentSpec) -> None:
-    """Refuse a student that is not smaller than its teacher, or a teacher init across widths."""
-    hidden = spec.hidden_size or teacher_config.hidden_size
-    if spec.layers > teacher_config.num_hidden_layers or hidden > teacher_config.hidden_size:
-        raise StageError(
+def student_problems(teacher: dict, spec: StudentSpec) -> ShapeProblems:
+    """A student must be smaller than its teacher; a teacher init needs the teacher's width."""
+    hidden = spec.hidden_size or teacher["hidden_size"]
+    if spec.layers > teacher["num_hidden_layers"] or hidden > teacher["hidden_size"]:
+        message = (
             f"student ({spec.layers} layers, hidden {hidden}) is larger than its teacher "
-            f"({teacher_config.num_hidden_layers} layers, hidden {teacher_config.hidden_size})"
+            f"({teacher['num_hidden_layers']} layers, hidden {teacher['hidden_size']})"
         )
-    if spec.init == "teacher" and hidden != teacher_config.hidden_size:
-        raise StageError("student.init 'teacher' copies layers and needs the teacher's hidden_size; use init: fresh")
+        return [(("student",), message)]
+    if spec.init == "teacher" and hidden != teacher["hidden_size"]:
+        return [(("student", "init"), "'teacher' copies layers and needs the teacher's hidden_size; use init: fresh")]
+    return []
+
+
+def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
+    """Refuse students that do not fit the teacher; the output has the student's shape."""
+    spec = params.student
+    hidden = spec.hidden_size or shape.config["hidden_size"]
+    return student_problems(shape.config, spec), shape.changed(num_hidden_layers=spec.layers, hidden_size=hidden)
 
 
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
@@ -144,7 +152,9 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     if parent.format not in ("hf", "source"):
         raise StageError(f"distill needs a full teacher model; {parent.manifest['stage']!r} is {parent.format!r}")
     teacher = load_causal_lm(parent.model_path)
-    check_student(teacher.config, params.student)
+    problems = student_problems(teacher.config.to_dict(), params.student)
+    if problems:
+        raise StageError(problems[0][1])
     spec = params.student
     config = student_config(teacher.config, spec.layers, spec.hidden_size, spec.intermediate_size, spec.attention_heads)
     student = build_student(teacher, config, init_from_teacher=spec.init == "teacher")

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from slimline.artifacts import Artifact
 from slimline.errors import StageError
 from slimline.models import count_parameters, load_causal_lm, save_causal_lm, stored_dtype
-from slimline.stage import StageContext, StageOutput, StageParams
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
 from slimline.training import TrainSettings, train_steps
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,9 @@ KIND = "lora"
 REQUIRES = ("peft",)
 EXTRA = "dev"
 DEVICE = "cpu"
-DATA = ("train",)
+DATA = ("train", "eval")
+# Held-out tokens on which a merged model is checked against adapter + base.
+MERGE_CHECK_TOKENS = 128
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -74,6 +76,16 @@ class Params(StageParams, TrainSettings):
         return self
 
 
+def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
+    """Every target module must name linear layers of the model."""
+    unknown = sorted(set(params.target_modules) - shape.linear_names)
+    if unknown:
+        return [
+            (("target_modules",), f"{unknown} match no linear layer of this model; it has {sorted(shape.linear_names)}")
+        ], shape
+    return [], shape
+
+
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Load the parent, attach adapters, train on the train split, merge or save the adapter."""
     from peft import LoraConfig, get_peft_model
@@ -96,18 +108,25 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     log.info("lora: %d trainable parameters (%.2f%%)", trainable, 100 * trainable / total)
     losses = train_steps(peft_model, ctx.data.stream("train"), params, ctx)
     peft_model.eval()
-    if params.merge:
-        merged = (
-            merge_into_full_precision(peft_model, config, parent)
-            if params.quantize_base == "nf4"
-            else peft_model.merge_and_unload()
+    metrics: dict[str, object] = {}
+    if params.merge and params.quantize_base == "nf4":
+        save_causal_lm(
+            merge_into_full_precision(peft_model, config, parent), ctx.work_dir, stored_dtype(parent.model_path)
         )
+    elif params.merge:
+        probe = ctx.data.stream("eval")[None, :MERGE_CHECK_TOKENS]
+        with torch.inference_mode():
+            adapter_logits = peft_model(input_ids=probe).logits
+            merged = peft_model.merge_and_unload()
+            # Merging must not change the function: checked in float32, before saving in the parent's dtype.
+            metrics["merge_max_logit_difference"] = (merged(input_ids=probe).logits - adapter_logits).abs().max().item()
         save_causal_lm(merged, ctx.work_dir, stored_dtype(parent.model_path))
     else:
         peft_model.save_pretrained(ctx.work_dir, safe_serialization=True)
     return StageOutput(
         format="hf" if params.merge else "peft",
-        metrics={
+        metrics=metrics
+        | {
             "trainable_parameters": trainable,
             "trainable_fraction": trainable / total,
             "loss_curve": losses,

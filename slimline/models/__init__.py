@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from slimline.errors import ConfigError
+from slimline.stage import ModelShape
 
 BUILTIN_MODELS = {"stdlib-coder": Path(__file__).parent / "stdlib_coder"}
 TOKENIZER_FILES = (
@@ -102,3 +103,15 @@ def stored_dtype(path: Path) -> torch.dtype:
 def save_causal_lm(model: PreTrainedModel, folder: Path, dtype: torch.dtype) -> None:
     """Save as safetensors in ``dtype`` (the parent's storage dtype, so sizes compare fairly)."""
     model.to(dtype).save_pretrained(folder, safe_serialization=True)
+
+
+def read_model_shape(spec: str, base: Path) -> ModelShape | None:
+    """Config and linear-layer names of a built-in or local model, built on the meta device (no weights)."""
+    if spec.startswith("hf:"):
+        return None
+    path = resolve_model_source(spec, base)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    return ModelShape(config.to_dict(), frozenset(names))

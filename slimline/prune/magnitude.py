@@ -24,7 +24,7 @@ from slimline.artifacts import Artifact
 from slimline.errors import StageError
 from slimline.models import load_causal_lm, save_causal_lm, stored_dtype
 from slimline.prune.masks import global_magnitude_masks, layer_magnitude_mask, n_m_mask
-from slimline.stage import StageContext, StageOutput, StageParams
+from slimline.stage import StageContext, StageOutput, StageParams, same_shape
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ REQUIRES: tuple[str, ...] = ()
 EXTRA = "dev"
 DEVICE = "cpu"
 DATA: tuple[str, ...] = ()
+check_shape = same_shape
 
 
 class Params(StageParams):

@@ -39,7 +39,7 @@ from slimline.prune.slicing import (
     slice_ffn,
     slice_heads,
 )
-from slimline.stage import StageContext, StageOutput, StageParams
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
 from slimline.training import TrainSettings, train_steps
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,24 @@ class Params(StageParams):
         if self.ffn_fraction == 0 and self.head_fraction == 0 and self.drop_layers == 0:
             raise ValueError("nothing to prune: set ffn_fraction, head_fraction or drop_layers")
         return self
+
+
+def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
+    """Refuse removing every layer or pruning a model without Llama-style projections."""
+    config, problems = shape.config, []
+    missing = sorted({"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} - shape.linear_names)
+    if missing:
+        problems.append(((), f"prune.structured supports Llama-style decoders; this model lacks {missing}"))
+    if params.drop_layers >= config["num_hidden_layers"]:
+        problems.append(
+            (("drop_layers",), f"{params.drop_layers} would remove all {config['num_hidden_layers']} layers")
+        )
+    if problems:
+        return problems, shape
+    changes = {"num_hidden_layers": config["num_hidden_layers"] - params.drop_layers}
+    if params.ffn_fraction > 0:
+        changes["intermediate_size"] = keep_count(config["intermediate_size"], params.ffn_fraction, params.round_to)
+    return [], shape.changed(**changes)
 
 
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:

@@ -39,6 +39,10 @@ def test_merged_and_unmerged_outputs_agree(tiny_model: Path, tmp_path: Path) -> 
     with torch.no_grad():
         difference = (merged(input_ids=ids).logits - adapter(input_ids=ids).logits).abs().max().item()
     assert difference < 1e-4
+    assert (
+        json.loads((stages_dir / "merged" / "report.json").read_text())["stage_metrics"]["merge_max_logit_difference"]
+        < 1e-4
+    )
     report = json.loads((stages_dir / "adapter" / "report.json").read_text())
     assert report["format"] == "peft" and report["metrics"]["accuracy"]["kl_vs_input"] > 0
 
