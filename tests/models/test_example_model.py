@@ -30,9 +30,9 @@ def test_held_out_perplexity_shows_a_trained_model() -> None:
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:513])
     with torch.inference_mode():
         loss = torch.nn.functional.cross_entropy(model(input_ids=ids[None, :-1]).logits[0], ids[1:])
-    assert math.exp(loss.item()) < 40, "an untrained model would sit near the vocabulary size, 8192"
+    assert math.exp(loss.item()) < 80, "an untrained model would sit near the vocabulary size, 8192"
     record = json.loads((FOLDER / "training.json").read_text())
-    assert record["held_out_perplexity_fp32"] < 40
+    assert record["held_out_perplexity_fp32"] < 60
 
 
 def test_weights_are_safetensors_in_fp16_with_sizes_that_suit_every_backend() -> None:
