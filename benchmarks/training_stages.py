@@ -33,7 +33,7 @@ from slimline.runner import Runner
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATE = {
     "accuracy": {"max_tokens": 8192, "window": 256},
-    "latency": {"prompt_tokens": 128, "new_tokens": 64, "repeats": 5},
+    "latency": {"prompt_tokens": 128, "new_tokens": 64, "repeats": 10},
 }
 
 

@@ -105,8 +105,8 @@ def test_tampered_artifact_is_rebuilt(first_run: tuple[Path, Path, dict[str, str
 def test_failed_stage_is_reported_and_dependents_skipped(tiny_model: Path, tmp_path: Path) -> None:
     stages = """\
   - id: broken
-    kind: lora
-    params: {target_modules: [no_such_proj], steps: 1}
+    kind: prune.magnitude
+    params: {pattern: "n:m", n: 1, m: 3}
   - id: after
     kind: prune.magnitude
   - id: sibling
@@ -116,9 +116,9 @@ def test_failed_stage_is_reported_and_dependents_skipped(tiny_model: Path, tmp_p
     outcome = Runner(load_pipeline(write_pipeline(tmp_path, tiny_model, stages)), tmp_path / "run").run()
     statuses = {r.stage_id: (r.status, r.reason) for r in outcome.results}
     assert not outcome.ok
-    assert statuses["broken"][0] == "failed" and "no_such_proj" in statuses["broken"][1]
+    assert statuses["broken"][0] == "failed" and "not a multiple of m=3" in statuses["broken"][1]
     assert statuses["after"] == ("skipped", "its input 'broken' failed")
     assert statuses["sibling"][0] == "ran"
     assert not (tmp_path / "run" / "stages" / "broken" / "artifact.json").exists()
     report = json.loads((tmp_path / "run" / "stages" / "broken" / "report.json").read_text())
-    assert report["status"] == "failed" and "no_such_proj" in report["reason"]
+    assert report["status"] == "failed" and "not a multiple of m=3" in report["reason"]

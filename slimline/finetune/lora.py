@@ -42,8 +42,12 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 class Params(StageParams, TrainSettings):
     """LoRA settings; training settings (steps, learning rate, batch) come from TrainSettings."""
 
-    rank: int = Field(8, ge=1, description="Adapter rank r; higher adapts more and trains more parameters.")
-    alpha: float = Field(16.0, gt=0, description="Scale alpha; the update is scaled by alpha / rank.")
+    rank: int = Field(
+        4,
+        ge=1,
+        description="Adapter rank r; higher adapts more and trains more parameters (r=4 on all projections is ~1% of the example model).",
+    )
+    alpha: float = Field(8.0, gt=0, description="Scale alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input during training.")
     target_modules: list[str] = Field(
         default_factory=lambda: list(LLAMA_PROJECTIONS),

@@ -49,15 +49,10 @@ def test_distill_stage_writes_a_smaller_loadable_student(tiny_model: Path, tmp_p
   - id: student
     kind: distill
     params: {student: {layers: 1}, steps: 4, batch_size: 2, sequence_length: 32, hidden_weight: 0.5}
-  - id: too-big
-    kind: distill
-    from: input
-    params: {student: {layers: 3}, steps: 1}
 """
     outcome = Runner(load_pipeline(write_pipeline(tmp_path, tiny_model, stages)), tmp_path / "run").run()
     results = {r.stage_id: r for r in outcome.results}
     assert results["student"].status == "ran"
-    assert results["too-big"].status == "failed" and "larger than its teacher" in results["too-big"].reason
     report = json.loads((tmp_path / "run" / "stages" / "student" / "report.json").read_text())
     metrics = report["stage_metrics"]
     assert metrics["student_parameters"] < metrics["teacher_parameters"]
