@@ -35,6 +35,11 @@ class LocalData(Strict):
     path: Path = Field(description="File or folder path, relative to the pipeline file.")
     glob: str = Field("**/*.txt", description="Folder only: which files are documents, e.g. '**/*.py'.")
     field: str | None = Field(None, description="jsonl only: the record field holding the text (default 'text').")
+    template: str | None = Field(
+        None,
+        description="jsonl only: instruction data as text, e.g. '### user:\\n{prompt}\\n### assistant:\\n{response}' "
+        "(fields in braces); replaces 'field'.",
+    )
     split: Literal["train", "eval", "calibration", "all"] = Field(
         "all", description="Keep only this hash-based split of the file's documents."
     )

@@ -81,24 +81,36 @@ def read_folder_documents(folder: Path, pattern: str) -> list[tuple[str, str]]:
     return docs
 
 
-def read_local_documents(path: Path, field: str | None) -> list[tuple[str, str]]:
-    """Documents from a local ``.txt`` (one document per blank-line-separated block) or ``.jsonl``."""
+def read_local_documents(path: Path, field: str | None, template: str | None = None) -> list[tuple[str, str]]:
+    """Documents from a local ``.txt`` (blank-line-separated blocks) or ``.jsonl`` (a field, or a template of fields)."""
     if not path.exists():
         raise ConfigError(f"data file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        key = field or "text"
-        docs = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if key not in record:
-                raise ConfigError(f"{path}:{number}: record has no field {key!r} (fields: {sorted(record)})")
-            docs.append((f"{path.name}:{number}", str(record[key])))
-        return docs
+        return [
+            (f"{path.name}:{number}", record_text(record, field, template, f"{path}:{number}"))
+            for number, record in jsonl_records(text)
+        ]
     blocks = [b for b in text.split("\n\n") if b.strip()]
     return [(f"{path.name}:{i}", block) for i, block in enumerate(blocks)]
+
+
+def jsonl_records(text: str) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-empty line."""
+    return [(number, json.loads(line)) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def record_text(record: dict, field: str | None, template: str | None, where: str) -> str:
+    """One record as training text: ``template`` filled with its fields (instruction data), else one field."""
+    if template is not None:
+        try:
+            return template.format(**record)
+        except KeyError as error:
+            raise ConfigError(f"{where}: template needs field {error} but the record has {sorted(record)}") from error
+    key = field or "text"
+    if key not in record:
+        raise ConfigError(f"{where}: record has no field {key!r} (fields: {sorted(record)})")
+    return str(record[key])
 
 
 def read_hub_documents(spec: str, field: str | None) -> list[tuple[str, str]]:
@@ -140,7 +152,10 @@ def load_texts(source: str | LocalData, base: Path) -> list[str]:
     """The documents of a data source (see the module docstring for the forms)."""
     if isinstance(source, LocalData):
         path = source.path if source.path.is_absolute() else base / source.path
-        docs = read_folder_documents(path, source.glob) if path.is_dir() else read_local_documents(path, source.field)
+        if path.is_dir():
+            docs = read_folder_documents(path, source.glob)
+        else:
+            docs = read_local_documents(path, source.field, source.template)
         return select_split(docs, source.split)
     kind, _, spec = source.partition(":")
     if kind == "builtin":
@@ -159,7 +174,7 @@ def source_fingerprint(source: str | LocalData, base: Path) -> str:
         digest = hashlib.sha256()
         for file in files:
             digest.update(file.read_bytes() if file.is_file() else b"missing")
-        return f"{path}:{source.glob}:{source.field}:{source.split}:{digest.hexdigest()}"
+        return f"{path}:{source.glob}:{source.field}:{source.template}:{source.split}:{digest.hexdigest()}"
     if source.startswith("builtin:stdlib"):
         # The corpus is this interpreter's stdlib: same Python version, same files.
         return f"{source}:python-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"

@@ -56,6 +56,16 @@ def test_folder_of_files_is_split_by_relative_path(tmp_path: Path) -> None:
         load_texts(LocalData(path=Path("src"), glob="**/*.md"), tmp_path)
 
 
+def test_instruction_records_are_rendered_through_the_template(tmp_path: Path) -> None:
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": "add 1", "response": "x + 1"}) + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    template = "### user:\n{prompt}\n### assistant:\n{response}"
+    with pytest.raises(ConfigError, match=r"chat.jsonl:2: template needs field 'response'"):
+        load_texts(LocalData(path=path, template=template), tmp_path)
+    path.write_text(json.dumps({"prompt": "add 1", "response": "x + 1"}) + "\n")
+    assert load_texts(LocalData(path=path, template=template), tmp_path) == ["### user:\nadd 1\n### assistant:\nx + 1"]
+
+
 def test_bad_sources_are_refused(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").write_text(json.dumps({"body": "x"}))
     with pytest.raises(ConfigError, match="has no field 'text'"):
