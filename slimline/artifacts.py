@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimline.errors import ArtifactError
+from slimline.errors import ArtifactError, StageError
 
 MANIFEST = "artifact.json"
 # Files the runner writes beside an artifact's payload; they are not part of its content.
@@ -54,6 +54,16 @@ class Artifact:
     def size_bytes(self) -> int:
         """Size on disk of the artifact's model files."""
         return sum(entry["bytes"] for entry in self.manifest["files"].values())
+
+
+# Formats that hold a complete model a stage can load and transform.
+FULL_MODEL_FORMATS = ("hf", "source")
+
+
+def require_full_model(artifact: Artifact, kind: str) -> None:
+    """Stages that transform weights need a full HF model, not an adapter or an exported graph."""
+    if artifact.format not in FULL_MODEL_FORMATS:
+        raise StageError(f"{kind} needs a full model as input; {artifact.manifest['stage']!r} is {artifact.format!r}")
 
 
 def sha256_file(path: Path) -> str:

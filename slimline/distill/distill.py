@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimline.artifacts import Artifact
+from slimline.artifacts import Artifact, require_full_model
 from slimline.distill.student import build_student, student_config
 from slimline.errors import StageError
 from slimline.evaluate.accuracy import token_windows
@@ -149,8 +149,7 @@ def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, Model
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Build the student, distill it on the train split, save it with the teacher's tokenizer."""
     parent = inputs[0]
-    if parent.format not in ("hf", "source"):
-        raise StageError(f"distill needs a full teacher model; {parent.manifest['stage']!r} is {parent.format!r}")
+    require_full_model(parent, KIND)
     teacher = load_causal_lm(parent.model_path)
     problems = student_problems(teacher.config.to_dict(), params.student)
     if problems:

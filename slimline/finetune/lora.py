@@ -20,9 +20,9 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from slimline.artifacts import Artifact
+from slimline.artifacts import Artifact, require_full_model
 from slimline.errors import StageError
-from slimline.models import count_parameters, load_causal_lm, save_causal_lm, stored_dtype
+from slimline.models import count_parameters, linear_layer_names, load_causal_lm, save_causal_lm, stored_dtype
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
 from slimline.training import TrainSettings, train_steps
 
@@ -95,8 +95,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     from peft import LoraConfig, get_peft_model
 
     parent = inputs[0]
-    if parent.format not in ("hf", "source"):
-        raise StageError(f"lora needs a full model as input; {parent.manifest['stage']!r} is {parent.format!r}")
+    require_full_model(parent, KIND)
     model = load_base(parent, params.quantize_base)
     check_target_modules(model, params.target_modules)
     config = LoraConfig(
@@ -169,8 +168,7 @@ def merge_into_full_precision(peft_model: torch.nn.Module, config: object, paren
 
 def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
     """Fail loudly when a target names no module of this model."""
-    # bitsandbytes' Linear4bit subclasses torch.nn.Linear, so QLoRA bases are covered too.
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    names = linear_layer_names(model)
     unknown = sorted(set(targets) - names)
     if unknown:
         raise StageError(f"target_modules {unknown} match no linear layer of this model; it has {sorted(names)}")

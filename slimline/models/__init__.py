@@ -113,5 +113,9 @@ def read_model_shape(spec: str, base: Path) -> ModelShape | None:
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    return ModelShape(config.to_dict(), frozenset(names))
+    return ModelShape(config.to_dict(), frozenset(linear_layer_names(model)))
+
+
+def linear_layer_names(model: torch.nn.Module) -> set[str]:
+    """Short names of the model's linear layers ('q_proj', ...); bitsandbytes' Linear4bit counts too."""
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}

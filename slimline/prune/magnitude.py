@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from slimline.artifacts import Artifact
+from slimline.artifacts import Artifact, require_full_model
 from slimline.errors import StageError
 from slimline.models import load_causal_lm, save_causal_lm, stored_dtype
 from slimline.prune.masks import global_magnitude_masks, layer_magnitude_mask, n_m_mask
@@ -70,10 +70,7 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Zero weights by magnitude and save the sparse checkpoint."""
     parent = inputs[0]
-    if parent.format not in ("hf", "source"):
-        raise StageError(
-            f"prune.magnitude needs a full model as input; {parent.manifest['stage']!r} is {parent.format!r}"
-        )
+    require_full_model(parent, KIND)
     model = load_causal_lm(parent.model_path)
     layers = decoder_linears(model)
     if not layers:

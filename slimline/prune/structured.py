@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from slimline.artifacts import Artifact
+from slimline.artifacts import Artifact, require_full_model
 from slimline.data import sample_windows
 from slimline.distill.distill import DistillationPair, LossWeights, distillation_loss
 from slimline.errors import StageError
@@ -115,8 +115,7 @@ def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, Model
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Rank, slice, optionally recover, save."""
     parent = inputs[0]
-    if parent.format not in ("hf", "source"):
-        raise StageError(f"prune.structured needs a full model; {parent.manifest['stage']!r} is {parent.format!r}")
+    require_full_model(parent, KIND)
     model = load_causal_lm(parent.model_path)
     check_architecture(model, params)
     original = copy.deepcopy(model) if params.recovery and params.recovery.mode == "distill" else None
