@@ -39,7 +39,7 @@ from slimline.artifacts import (
     remove_leftovers,
     write_json_atomic,
 )
-from slimline.config import INPUT_ID, DataSource, Pipeline, topological_order
+from slimline.config import INPUT_ID, DataSource, Pipeline, StageConfig, topological_order
 from slimline.data import load_texts, source_fingerprint, tokenize_stream
 from slimline.evaluate import Evaluator
 from slimline.models import copy_tokenizer_files, load_tokenizer, resolve_model_source
@@ -140,7 +140,7 @@ class Runner:
 
     def produce_stage(self, stage_id: str, preflight_skip: str | None) -> StageResult:
         """Reuse, run, or skip one stage."""
-        stage = next(s for s in self.config.stages if s.id == stage_id)
+        stage = self.stage_config(stage_id)
         parent = self.results[self.pipeline.parents[stage_id]]
         if preflight_skip:
             return StageResult(stage_id, stage.kind, "skipped", reason=preflight_skip)
@@ -184,7 +184,7 @@ class Runner:
 
     def stage_key(self, stage_id: str, parent: Artifact) -> str:
         """Hash of everything that determines the stage's artifact."""
-        module = stage_module(self.pipeline.config.stages[self.stage_index(stage_id)].kind)
+        module = stage_module(self.stage_config(stage_id).kind)
         data = {split: source_fingerprint(self.data_source(split), self.base) for split in module.DATA}
         return hash_json(
             {
@@ -196,9 +196,9 @@ class Runner:
             }
         )
 
-    def stage_index(self, stage_id: str) -> int:
-        """Position of a stage in the pipeline file."""
-        return [s.id for s in self.config.stages].index(stage_id)
+    def stage_config(self, stage_id: str) -> StageConfig:
+        """The pipeline file's entry for a stage."""
+        return next(stage for stage in self.config.stages if stage.id == stage_id)
 
     def manifest(
         self, stage_id: str, kind: str, fmt: str, key: str, params: dict[str, Any], parents: list[Artifact]
@@ -256,7 +256,7 @@ class Runner:
     def report_fields(self, stage_id: str, result: StageResult) -> dict[str, Any]:
         """Report fields that come from the run rather than from measuring."""
         manifest = result.artifact.manifest if result.artifact else {}
-        stage = None if stage_id == INPUT_ID else self.config.stages[self.stage_index(stage_id)]
+        stage = None if stage_id == INPUT_ID else self.stage_config(stage_id)
         return {
             "stage": stage_id,
             "kind": result.kind,
