@@ -31,6 +31,8 @@ def missing_requirements(kind: str) -> list[str]:
     ]
     if module.DEVICE == "cuda" and not torch.cuda.is_available():
         reasons.append("needs a CUDA GPU and none is visible")
+    if reasons and getattr(module, "SKIP_HINT", None):
+        reasons.append(module.SKIP_HINT)
     return reasons
 
 

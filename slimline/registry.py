@@ -17,6 +17,8 @@ STAGES: dict[str, str] = {
     "distill": "slimline.distill.distill",
     "prune.magnitude": "slimline.prune.magnitude",
     "prune.structured": "slimline.prune.structured",
+    "export.onnx": "slimline.export.onnx",
+    "export.tensorrt": "slimline.export.tensorrt",
 }
 
 

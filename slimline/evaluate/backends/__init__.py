@@ -7,7 +7,13 @@ from slimline.errors import ArtifactError
 from slimline.evaluate.backends.base import Backend
 from slimline.evaluate.backends.torch_backend import TorchBackend
 
-BACKEND_BY_FORMAT = {"source": "pytorch", "hf": "pytorch", "peft": "pytorch"}
+BACKEND_BY_FORMAT = {
+    "source": "pytorch",
+    "hf": "pytorch",
+    "peft": "pytorch",
+    "onnx": "onnxruntime",
+    "tensorrt": "tensorrt",
+}
 
 
 def backend_name(artifact: Artifact) -> str:
@@ -22,4 +28,12 @@ def open_backend(artifact: Artifact) -> Backend:
     backend_name(artifact)
     if artifact.format == "peft":
         return TorchBackend(artifact.base_model_path, adapter_path=artifact.path)
+    if artifact.format == "onnx":
+        from slimline.evaluate.backends.onnx_backend import OnnxBackend  # onnxruntime is an optional extra
+
+        return OnnxBackend(artifact.path)
+    if artifact.format == "tensorrt":
+        from slimline.evaluate.backends.tensorrt_backend import TensorRTBackend  # needs TensorRT and CUDA
+
+        return TensorRTBackend(artifact.path)
     return TorchBackend(artifact.model_path)
