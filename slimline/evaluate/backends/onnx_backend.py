@@ -65,6 +65,11 @@ class OnnxSequence:
         self.past = [empty] * len(self.past_names)
         self.length = 0
 
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` cached positions (drop rejected speculative tokens)."""
+        self.past = [np.ascontiguousarray(past[:, :, :length]) for past in self.past]
+        self.length = length
+
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed ``tokens`` [seq] after the cached ones; keep the new cache; return logits [seq, vocab]."""
         seq = tokens.shape[0]
