@@ -17,6 +17,7 @@ STAGES: dict[str, str] = {
     "distill": "slimline.distill.distill",
     "prune.magnitude": "slimline.prune.magnitude",
     "prune.structured": "slimline.prune.structured",
+    "quantize.gptq": "slimline.quantize.gptq",
     "export.onnx": "slimline.export.onnx",
     "export.tensorrt": "slimline.export.tensorrt",
 }
