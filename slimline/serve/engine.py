@@ -1,0 +1,306 @@
+"""The serving engine: requests in, text out, speculative decoding in between.
+
+One worker thread owns the models. Requests wait in a FIFO queue until one of ``max_active``
+slots is free (a finished or cancelled request frees its slot at once); the active requests
+take turns, one decoding round each (continuous, round-robin scheduling: a long request never
+blocks a short one behind it). The backends run one sequence per forward pass, so requests are
+interleaved rather than batched into one pass. Every request has its own sequences, caches and
+random generator; nothing of one request is visible to another.
+
+Text is produced by decoding the generated ids as a whole and emitting only the new, complete
+part: an incomplete UTF-8 character, or a tail that could still become a stop sequence, is held
+back until it is resolved.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from slimline.serve.models import LanguageModel
+from slimline.serve.sampling import SamplingParams
+from slimline.serve.speculative import DecodeStats, DraftLength, generate_tokens, seeded_generator
+
+log = logging.getLogger(__name__)
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class EngineBusyError(RuntimeError):
+    """The wait queue is full."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: prompt token ids, limits and how to pick tokens."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    speculative: bool = True
+
+
+@dataclass
+class Event:
+    """A piece of a request's output; the last one has ``finish_reason`` and the request's figures."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # 'stop', 'length' or 'cancelled'
+    usage: dict[str, Any] | None = None
+
+
+@dataclass
+class RequestHandle:
+    """A submitted request: the consumer's callback for events and a way to cancel it."""
+
+    id: int
+    request: GenerationRequest
+    emit: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (the client went away); its slot frees at the next turn."""
+        self.cancelled.set()
+
+
+class TextStream:
+    """Incremental detokenisation with stop sequences."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+
+    def text(self) -> str:
+        """All generated text so far."""
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def add(self, token_ids: list[int]) -> tuple[str, bool]:
+        """Append tokens; return (text safe to emit now, whether a stop sequence was reached)."""
+        self.ids += token_ids
+        text = self.text()
+        for stop in self.stop:
+            position = text.find(stop, max(0, self.sent - len(stop)))
+            if position >= 0:
+                return self._take(text, position), True
+        end = len(text) - 1 if text.endswith("\ufffd") else len(text)  # an incomplete UTF-8 character
+        end -= self._stop_prefix_length(text[:end])
+        return self._take(text, end), False
+
+    def flush(self) -> str:
+        """Whatever is left at the end of the request."""
+        return self._take(self.text(), None)
+
+    def _stop_prefix_length(self, text: str) -> int:
+        """Length of the longest tail of ``text`` that begins a stop sequence."""
+        longest = 0
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+    def _take(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else max(end, self.sent)
+        piece = text[self.sent : end]
+        self.sent = end
+        return piece
+
+
+@dataclass
+class Job:
+    """An active request's decoding state, private to it."""
+
+    handle: RequestHandle
+    rounds: Iterator[list[int]]
+    text: TextStream
+    stats: DecodeStats
+    started: float
+    first_token: float | None = None
+    generated: int = 0
+
+
+class Engine:
+    """Speculative decoding for many clients on one target/draft pair."""
+
+    def __init__(
+        self,
+        target: LanguageModel,
+        tokenizer,
+        draft: LanguageModel | None = None,
+        k: int = 4,
+        adaptive: bool = True,
+        max_active: int = 8,
+        max_queued: int = 256,
+    ) -> None:
+        self.target, self.draft, self.tokenizer = target, draft, tokenizer
+        self.k, self.adaptive = k, adaptive
+        self.max_active, self.max_queued = max_active, max_queued
+        self.eos_ids = eos_token_ids(tokenizer)
+        self.waiting: deque[RequestHandle] = deque()
+        self.active: list[Job] = []
+        self.ids = count(1)
+        self.lock = threading.Condition()
+        self.accepting = True
+        self.stopping = False
+        self.totals = DecodeStats()
+        self.worker = threading.Thread(target=self._work, name="slimline-engine", daemon=True)
+        self.worker.start()
+
+    # -- the consumer side -------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> RequestHandle:
+        """Queue a request; ``emit`` is called from the worker thread with each event."""
+        with self.lock:
+            if not self.accepting:
+                raise EngineClosedError("the server is shutting down")
+            if len(self.waiting) >= self.max_queued:
+                raise EngineBusyError(f"{len(self.waiting)} requests are already waiting; try again later")
+            handle = RequestHandle(next(self.ids), request, emit)
+            self.waiting.append(handle)
+            self.lock.notify()
+        return handle
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> tuple[str, Event]:
+        """Blocking convenience: the whole text and the final event."""
+        events: queue.Queue[Event] = queue.Queue()
+        self.submit(request, events.put)
+        pieces = []
+        while True:
+            event = events.get(timeout=timeout)
+            pieces.append(event.text)
+            if event.finish_reason is not None:
+                return "".join(pieces), event
+
+    def load(self) -> dict[str, int]:
+        """Requests decoding now and waiting for a slot."""
+        with self.lock:
+            return {"active": len(self.active), "waiting": len(self.waiting)}
+
+    def shutdown(self, grace_seconds: float = 10.0) -> None:
+        """Take no new requests, let in-flight ones finish for up to ``grace_seconds``, cancel the rest."""
+        with self.lock:
+            self.accepting = False
+            deadline = time.monotonic() + grace_seconds
+            while (self.active or self.waiting) and time.monotonic() < deadline:
+                self.lock.wait(timeout=0.1)
+            for job in self.active:
+                job.handle.cancel()
+            for handle in self.waiting:
+                handle.cancel()
+            self.stopping = True
+            self.lock.notify_all()
+        self.worker.join(timeout=30)
+
+    # -- the worker thread --------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                while not self.stopping and not self.active and not self.waiting:
+                    self.lock.wait()
+                if self.stopping and not self.active and not self.waiting:
+                    return
+                while self.waiting and len(self.active) < self.max_active:
+                    self.active.append(self._start(self.waiting.popleft()))
+                turn = list(self.active)
+            for job in turn:
+                finished = self._advance(job)
+                if finished:
+                    with self.lock:
+                        self.active.remove(job)
+                        self.lock.notify_all()
+
+    def _start(self, handle: RequestHandle) -> Job:
+        request = handle.request
+        draft = self.draft if request.speculative else None
+        stats = DecodeStats()
+        rounds = generate_tokens(
+            self.target,
+            draft,
+            request.prompt_ids,
+            request.sampling,
+            DraftLength(self.k, self.adaptive) if draft is not None else None,
+            seeded_generator(request.seed),
+            stats,
+        )
+        return Job(handle, rounds, TextStream(self.tokenizer, request.stop), stats, time.perf_counter())
+
+    def _advance(self, job: Job) -> bool:
+        """One decoding round for one request; True when the request is finished."""
+        handle = job.handle
+        if handle.cancelled.is_set():
+            return self._finish(job, "", "cancelled")
+        try:
+            new_tokens = next(job.rounds)
+        except StopIteration:
+            return self._finish(job, job.text.flush(), "length")  # the context is full
+        except Exception as error:  # a backend failure ends this request, never the engine
+            log.exception("request %d failed", handle.id)
+            return self._finish(job, job.text.flush(), f"error: {type(error).__name__}: {error}")
+        if job.first_token is None:
+            job.first_token = time.perf_counter()
+        kept, finish = [], None
+        for token in new_tokens:
+            if token in self.eos_ids:
+                finish = "stop"
+                break
+            kept.append(token)
+            if job.generated + len(kept) >= handle.request.max_tokens:
+                finish = "length"
+                break
+        job.generated += len(kept)
+        piece, stopped = job.text.add(kept)
+        if stopped:
+            return self._finish(job, piece, "stop", kept)
+        if finish is not None:
+            return self._finish(job, piece + job.text.flush(), finish, kept)
+        if piece or kept:
+            handle.emit(Event(piece, kept))
+        return False
+
+    def _finish(self, job: Job, piece: str, reason: str, token_ids: list[int] | None = None) -> bool:
+        elapsed = time.perf_counter() - job.started
+        stats = job.stats
+        usage = {
+            "prompt_tokens": len(job.handle.request.prompt_ids),
+            "completion_tokens": job.generated,
+            "total_tokens": len(job.handle.request.prompt_ids) + job.generated,
+            "acceptance_rate": stats.acceptance_rate,
+            "draft_tokens_proposed": stats.proposed,
+            "draft_tokens_accepted": stats.accepted,
+            "target_forward_passes": stats.target_calls,
+            "tokens_per_second": job.generated / elapsed if elapsed > 0 else None,
+            "seconds": elapsed,
+            "queue_seconds": job.started - job.handle.submitted,
+            "time_to_first_token": (job.first_token - job.handle.submitted) if job.first_token else None,
+        }
+        with self.lock:
+            self.totals.proposed += stats.proposed
+            self.totals.accepted += stats.accepted
+        job.rounds.close()
+        job.handle.emit(Event(piece, token_ids or [], reason, usage))
+        return True
+
+
+def eos_token_ids(tokenizer) -> set[int]:
+    """Token ids that end generation: the tokenizer's EOS (and the generation config's, if it differs)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

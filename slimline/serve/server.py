@@ -1,0 +1,63 @@
+"""``slimline serve``: load a target (and a draft), build the engine and the app, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from slimline.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(target: Path, draft: Path | None, k: int, adaptive: bool, max_active: int):
+    """Load the models and the target's tokenizer into an engine (the draft must share the vocabulary)."""
+    from slimline.models import load_tokenizer
+    from slimline.serve.engine import Engine
+    from slimline.serve.models import load_language_model
+
+    target_model = load_language_model(target)
+    draft_model = load_language_model(draft) if draft is not None else None
+    tokenizer = load_tokenizer(target)
+    if draft is not None:
+        check_same_vocabulary(tokenizer, load_tokenizer(draft), target, draft)
+    return Engine(target_model, tokenizer, draft_model, k=k, adaptive=adaptive, max_active=max_active)
+
+
+def check_same_vocabulary(target_tokenizer, draft_tokenizer, target: Path, draft: Path) -> None:
+    """Speculative decoding compares token ids: both models must use the same tokenizer."""
+    if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise ArtifactError(f"the draft {draft} has a different vocabulary from the target {target}")
+
+
+def serve(
+    target: Path,
+    draft: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    k: int = 4,
+    adaptive: bool = True,
+    max_active: int = 8,
+    shutdown_grace_seconds: float = 10.0,
+) -> None:
+    """Serve until interrupted; SIGINT/SIGTERM finish in-flight requests for up to the grace period."""
+    import uvicorn
+
+    from slimline.serve.app import create_app
+
+    engine = build_engine(target, draft, k, adaptive, max_active)
+    name = model_name or target.name
+    app = create_app(engine, name, api_key, shutdown_grace_seconds)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("serving on %s without an API key: anyone who can reach this address can use it", host)
+    log.info(
+        "serving %s (%s%s) on http://%s:%d",
+        name,
+        engine.target.backend,
+        f", draft {draft.name} k={k}{' adaptive' if adaptive else ''}" if draft else ", no draft",
+        host,
+        port,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_grace_seconds)
