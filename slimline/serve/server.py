@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
-from slimline.errors import ArtifactError
+from slimline.errors import ArtifactError, SlimlineError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ def serve(
     shutdown_grace_seconds: float = 10.0,
 ) -> None:
     """Serve until interrupted; SIGINT/SIGTERM finish in-flight requests for up to the grace period."""
+    missing = [name for name in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SlimlineError(f"serving needs {', '.join(missing)}: pip install 'slimline[serve]'")
     import uvicorn
 
     from slimline.serve.app import create_app
