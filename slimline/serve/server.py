@@ -31,6 +31,19 @@ def check_same_vocabulary(target_tokenizer, draft_tokenizer, target: Path, draft
         raise ArtifactError(f"the draft {draft} has a different vocabulary from the target {target}")
 
 
+def resolve_pair(target: Path, draft: Path | None, k: int | None, adaptive: bool | None) -> tuple:
+    """A ``serve`` artifact names its pair, k and adaptivity; explicit options win over it."""
+    from slimline.serve.models import artifact_format
+    from slimline.serve.stage import read_bundle
+
+    if target.is_dir() and artifact_format(target) == "serve":
+        bundle = read_bundle(target)
+        target, draft = Path(bundle["target"]), draft or Path(bundle["draft"])
+        k = k if k is not None else bundle["k"]
+        adaptive = adaptive if adaptive is not None else bundle["adaptive"]
+    return target, draft, k if k is not None else 4, True if adaptive is None else adaptive
+
+
 def serve(
     target: Path,
     draft: Path | None = None,
@@ -38,8 +51,8 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     model_name: str | None = None,
-    k: int = 4,
-    adaptive: bool = True,
+    k: int | None = None,
+    adaptive: bool | None = None,
     max_active: int = 8,
     shutdown_grace_seconds: float = 10.0,
 ) -> None:
@@ -51,8 +64,9 @@ def serve(
 
     from slimline.serve.app import create_app
 
-    engine = build_engine(target, draft, k, adaptive, max_active)
     name = model_name or target.name
+    target, draft, k, adaptive = resolve_pair(target, draft, k, adaptive)
+    engine = build_engine(target, draft, k, adaptive, max_active)
     app = create_app(engine, name, api_key, shutdown_grace_seconds)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use it", host)

@@ -1,0 +1,139 @@
+"""The ``serve`` stage: pair a target with a draft for speculative decoding, and measure the pair.
+
+The stage reads the target (its ``from:``) and the draft (``params.draft``, a stage defined
+earlier in the file; both ``hf`` or both ``onnx``, sharing a tokenizer), decodes real
+calibration-split prompts greedily with the target alone and speculatively, checks the outputs
+are identical, and writes ``serve.json``: the pair, k and whether it adapts. Format ``serve``;
+the evaluator measures it like any artifact, through a speculative backend (accuracy is the
+target's; decode speed is what the pair delivers). ``slimline serve runs/<name>/stages/<id>``
+serves it.
+
+```yaml
+- id: server
+  kind: serve
+  from: target-onnx
+  params: {draft: draft-onnx, k: 4}
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from slimline.artifacts import Artifact
+from slimline.errors import ArtifactError, StageError
+from slimline.stage import StageContext, StageOutput, StageParams, same_shape
+
+log = logging.getLogger(__name__)
+
+KIND = "serve"
+REQUIRES: tuple[str, ...] = ()
+EXTRA = "serve"
+DEVICE = "any"
+DATA: tuple[str, ...] = ("calibration",)
+EXTRA_INPUTS = ("draft",)  # params naming other stages whose artifacts this stage reads
+check_shape = same_shape
+
+BUNDLE_FILE = "serve.json"
+SERVABLE_FORMATS = ("hf", "source", "onnx")
+
+
+class Params(StageParams):
+    """The draft to pair with the target and how many tokens it proposes."""
+
+    draft: str = Field(description="Id of the stage whose artifact drafts (defined earlier in the file).")
+    k: int = Field(4, ge=1, le=16, description="Draft tokens per round (the start value when adaptive).")
+    adaptive: bool = Field(True, description="Adapt k to the running acceptance rate and measured costs.")
+    check_prompts: int = Field(4, ge=1, description="Calibration prompts decoded both ways to check and time.")
+    check_new_tokens: int = Field(64, ge=8, description="Greedy tokens per check prompt.")
+
+
+def check_pair(target: Artifact, draft: Artifact) -> None:
+    """Both models must be servable by the same kind of backend."""
+    for role, artifact in (("target", target), ("draft", draft)):
+        if artifact.format not in SERVABLE_FORMATS:
+            raise StageError(
+                f"the {role} {artifact.manifest['stage']!r} is {artifact.format!r}; serve takes hf or onnx"
+            )
+    if (target.format == "onnx") != (draft.format == "onnx"):
+        raise StageError("target and draft must run on the same backend: both onnx, or both hf")
+
+
+def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
+    """Check and time the pair on real prompts, then write the bundle."""
+    from slimline.models import load_tokenizer
+    from slimline.serve.server import check_same_vocabulary
+
+    target, draft = inputs
+    check_pair(target, draft)
+    try:
+        check_same_vocabulary(
+            load_tokenizer(target.model_path), load_tokenizer(draft.model_path), target.path, draft.path
+        )
+    except ArtifactError as error:
+        raise StageError(str(error)) from error
+    metrics = measure_pair(target.path, draft.path, ctx.data.stream("calibration"), params)
+    if metrics["identical_prompts"] != params.check_prompts:
+        raise StageError(
+            f"speculative greedy output differed from the target's on {params.check_prompts - metrics['identical_prompts']}"
+            f" of {params.check_prompts} prompts"
+        )
+    bundle = {"target": str(target.path), "draft": str(draft.path), "k": params.k, "adaptive": params.adaptive}
+    (ctx.work_dir / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2) + "\n")
+    for name in ("config.json", "generation_config.json"):
+        if (target.model_path / name).exists():
+            (ctx.work_dir / name).write_bytes((target.model_path / name).read_bytes())
+    return StageOutput(format="serve", metrics=metrics)
+
+
+def measure_pair(target_path: Path, draft_path: Path, stream: torch.Tensor, params: Params) -> dict:
+    """Target-only and speculative greedy decoding of the same prompts: rates, acceptance, exactness."""
+    from slimline.serve.models import load_language_model
+    from slimline.serve.sampling import SamplingParams
+    from slimline.serve.speculative import DecodeStats, DraftLength, generate_tokens
+
+    target, draft = load_language_model(target_path), load_language_model(draft_path)
+    step = max(1, (stream.numel() - 64) // params.check_prompts)
+    prompts = [stream[i * step : i * step + 64].tolist() for i in range(params.check_prompts)]
+    plain_rates, speculative_rates, acceptance, identical = [], [], [], 0
+    for prompt in prompts:
+        outputs = {}
+        for mode in ("plain", "speculative"):
+            stats = DecodeStats()
+            use_draft = draft if mode == "speculative" else None
+            length = DraftLength(params.k, params.adaptive) if use_draft else None
+            started = time.perf_counter()
+            tokens: list[int] = []
+            for new in generate_tokens(target, use_draft, prompt, SamplingParams(), length, torch.Generator(), stats):
+                tokens += new
+                if len(tokens) >= params.check_new_tokens:
+                    break
+            rate = params.check_new_tokens / (time.perf_counter() - started)
+            outputs[mode] = tokens[: params.check_new_tokens]
+            (plain_rates if mode == "plain" else speculative_rates).append(rate)
+            if mode == "speculative":
+                acceptance.append(stats.acceptance_rate or 0.0)
+        identical += outputs["plain"] == outputs["speculative"]
+    plain, speculative = statistics.median(plain_rates), statistics.median(speculative_rates)
+    log.info("serve: target-only %.1f tok/s, speculative %.1f tok/s (%.2fx)", plain, speculative, speculative / plain)
+    return {
+        "target_only_tokens_per_s": plain,
+        "speculative_tokens_per_s": speculative,
+        "speculative_speedup": speculative / plain,
+        "acceptance_rate": statistics.median(acceptance),
+        "identical_prompts": identical,
+        "check_prompts": params.check_prompts,
+        "backend": target.backend,
+    }
+
+
+def read_bundle(folder: Path) -> dict:
+    """The pair a serve artifact names."""
+    return json.loads((folder / BUNDLE_FILE).read_text())
