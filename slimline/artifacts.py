@@ -21,7 +21,7 @@ from slimline.errors import ArtifactError, StageError
 MANIFEST = "artifact.json"
 # Files the runner writes beside an artifact's payload; they are not part of its content.
 SIDE_FILES = {MANIFEST, "report.json", "report.md"}
-FORMATS = ("hf", "peft", "onnx", "gguf", "tensorrt", "source")
+FORMATS = ("hf", "peft", "torch-int8", "onnx", "gguf", "tensorrt", "source")
 
 
 @dataclass

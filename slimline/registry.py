@@ -17,6 +17,8 @@ STAGES: dict[str, str] = {
     "distill": "slimline.distill.distill",
     "prune.magnitude": "slimline.prune.magnitude",
     "prune.structured": "slimline.prune.structured",
+    "quantize.ptq": "slimline.quantize.ptq",
+    "quantize.bnb": "slimline.quantize.bnb",
     "quantize.gptq": "slimline.quantize.gptq",
     "export.onnx": "slimline.export.onnx",
     "export.tensorrt": "slimline.export.tensorrt",

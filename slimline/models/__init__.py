@@ -68,6 +68,10 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, quantization_
     """A causal LM from safetensors weights, in eval mode, optionally quantized on load (bitsandbytes)."""
     if not any(path.glob("*.safetensors")):
         raise ConfigError(f"{path} has no .safetensors weights; slimline does not unpickle .bin checkpoints")
+    if (path / "int8_recipe.json").exists():  # torch.ao int8 layers, rebuilt from their stored tensors
+        from slimline.quantize.int8 import load_int8_model
+
+        return load_int8_model(path)
     extra = {"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **extra)
     return model.eval()

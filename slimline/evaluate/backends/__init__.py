@@ -11,6 +11,7 @@ BACKEND_BY_FORMAT = {
     "source": "pytorch",
     "hf": "pytorch",
     "peft": "pytorch",
+    "torch-int8": "pytorch",
     "onnx": "onnxruntime",
     "tensorrt": "tensorrt",
 }

@@ -1,0 +1,102 @@
+"""bitsandbytes quantization: LLM.int8() or 4-bit NF4/FP4 weights, saved as a reloadable HF checkpoint.
+
+int8 is LLM.int8() (Dettmers et al., 2022): row-wise int8 weights, with input columns whose
+magnitude passes ``int8_threshold`` multiplied in 16 bits. NF4/FP4 (Dettmers et al., 2023,
+"QLoRA") store 4-bit weights in blocks of 64 with one absmax each; double quantization stores
+those absmax values in 8 bits too. The LM head stays in full precision (bitsandbytes' default).
+transformers saves the quantized state to safetensors and reloads it from ``config.json``'s
+``quantization_config``.
+
+```yaml
+- id: nf4
+  kind: quantize.bnb
+  params: {mode: nf4, double_quant: true}
+```
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from slimline.artifacts import Artifact
+from slimline.errors import StageError
+from slimline.models import linear_layer_names, load_causal_lm
+from slimline.quantize.common import QUANTIZED_KEY, check_unquantized_shape, require_unquantized_model
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+
+log = logging.getLogger(__name__)
+
+KIND = "quantize.bnb"
+REQUIRES = ("bitsandbytes",)
+EXTRA = "quant"
+DEVICE = "cpu"
+DATA: tuple[str, ...] = ()
+
+
+class Params(StageParams):
+    """Which bitsandbytes scheme."""
+
+    mode: Literal["int8", "nf4", "fp4"] = Field(
+        "nf4", description="int8 (LLM.int8()), or 4-bit NF4 (suits normally distributed weights) or FP4."
+    )
+    double_quant: bool = Field(
+        True, description="4-bit only: quantize the per-block scales too (about 0.4 bits per weight less)."
+    )
+    int8_threshold: float = Field(
+        6.0, gt=0, description="int8 only: inputs above this magnitude go through a 16-bit path (outlier columns)."
+    )
+
+    @model_validator(mode="after")
+    def check_mode_fields(self) -> Params:
+        """Settings of the other mode are refused rather than ignored."""
+        if self.mode == "int8" and "double_quant" in self.model_fields_set:
+            raise ValueError("double_quant applies to the 4-bit modes (nf4, fp4); mode is int8")
+        if self.mode != "int8" and "int8_threshold" in self.model_fields_set:
+            raise ValueError(f"int8_threshold applies to mode int8; mode is {self.mode}")
+        return self
+
+
+def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
+    """The input must be full precision."""
+    quantized = {"quant_method": "bitsandbytes", "mode": params.mode}
+    return check_unquantized_shape(KIND, shape), shape.changed(**{QUANTIZED_KEY: quantized})
+
+
+def bnb_config(params: Params) -> Any:
+    """The transformers BitsAndBytesConfig for these params (float32 compute on the CPU)."""
+    from transformers import BitsAndBytesConfig
+
+    if params.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=params.int8_threshold)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=params.mode,
+        bnb_4bit_use_double_quant=params.double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+def count_quantized(model: torch.nn.Module) -> int:
+    """Linear layers that bitsandbytes replaced."""
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear8bitLt | bnb.nn.Linear4bit) for m in model.modules())
+
+
+def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
+    """Quantize on load through transformers, save the quantized state, check it was quantized."""
+    parent = inputs[0]
+    require_unquantized_model(parent, KIND)
+    model = load_causal_lm(parent.model_path, quantization_config=bnb_config(params))
+    quantized = count_quantized(model)
+    if quantized == 0:
+        raise StageError(
+            f"bitsandbytes replaced none of this model's linear layers {sorted(linear_layer_names(model))}"
+        )
+    model.save_pretrained(ctx.work_dir, safe_serialization=True)
+    log.info("%s: %d linear layers in bitsandbytes %s", ctx.stage_id, quantized, params.mode)
+    return StageOutput(format="hf", metrics={"mode": params.mode, "quantized_layers": quantized})
