@@ -17,6 +17,7 @@ STAGES: dict[str, str] = {
     "distill": "slimline.distill.distill",
     "prune.magnitude": "slimline.prune.magnitude",
     "prune.structured": "slimline.prune.structured",
+    "quantize.qat": "slimline.quantize.qat",
     "quantize.ptq": "slimline.quantize.ptq",
     "quantize.bnb": "slimline.quantize.bnb",
     "quantize.gptq": "slimline.quantize.gptq",

@@ -62,27 +62,33 @@ def quantizable_linears(model: torch.nn.Module, include_lm_head: bool) -> list[s
     return names
 
 
-def weight_observer(granularity: str, symmetric: bool) -> Any:
-    """Observer of int8 weights: one scale per output channel or per tensor, with or without zero points."""
+def weight_observer(granularity: str, symmetric: bool, bits: int = 8) -> Any:
+    """Observer of int8 weights: one scale per output channel or per tensor, with or without zero points.
+
+    ``bits=4`` keeps the weights on the int4 grid (-8..7) inside int8 storage and kernels.
+    """
+    limits = {"quant_min": -(2 ** (bits - 1)), "quant_max": 2 ** (bits - 1) - 1}
     if granularity == "per_channel":
         scheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
-        return PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=scheme, ch_axis=0)
+        return PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=scheme, ch_axis=0, **limits)
     scheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
-    return MinMaxObserver.with_args(dtype=torch.qint8, qscheme=scheme)
+    return MinMaxObserver.with_args(dtype=torch.qint8, qscheme=scheme, **limits)
 
 
-def dynamic_qconfig(granularity: str, symmetric: bool) -> QConfig:
+def dynamic_qconfig(granularity: str, symmetric: bool, bits: int = 8) -> QConfig:
     """Weights quantized ahead; activations quantized per tensor at run time from their own range."""
     activation = PlaceholderObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True)
-    return QConfig(activation=activation, weight=weight_observer(granularity, symmetric))
+    return QConfig(activation=activation, weight=weight_observer(granularity, symmetric, bits))
 
 
-def static_qconfig(granularity: str, symmetric: bool, observer: str, activation_symmetric: bool) -> QConfig:
+def static_qconfig(
+    granularity: str, symmetric: bool, observer: str, activation_symmetric: bool, bits: int = 8
+) -> QConfig:
     """Weights and activation ranges both fixed ahead, activations from calibration through ``observer``."""
     scheme = torch.per_tensor_symmetric if activation_symmetric else torch.per_tensor_affine
     # reduce_range: 7-bit activations keep x86 kernels without VNNI from overflowing their 16-bit accumulators.
     activation = OBSERVERS[observer].with_args(dtype=torch.quint8, qscheme=scheme, reduce_range=True)
-    return QConfig(activation=activation, weight=weight_observer(granularity, symmetric))
+    return QConfig(activation=activation, weight=weight_observer(granularity, symmetric, bits))
 
 
 def quantize_dynamic_layers(model: torch.nn.Module, names: list[str], qconfig: QConfig) -> None:

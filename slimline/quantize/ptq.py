@@ -62,6 +62,10 @@ class Params(StageParams):
     weight_symmetric: bool = Field(
         True, description="Symmetric weight grid (zero point 0), or asymmetric with zero points."
     )
+    weight_bits: Literal[8, 4] = Field(
+        8,
+        description="8, or 4: weights on the int4 grid (-8..7) in int8 storage and kernels; less accurate, no smaller; the scheme quantize.qat trains for.",
+    )
     include_lm_head: bool = Field(
         True,
         description="Also quantize the LM head (the largest layer of a small model; speed against a little accuracy).",
@@ -97,11 +101,11 @@ def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, Model
 def quantize_model(model: torch.nn.Module, params: Params, ctx: StageContext) -> list[str]:
     """Quantize the model's linear layers in place; return their names."""
     names = int8.quantizable_linears(model, params.include_lm_head)
-    symmetric = params.weight_symmetric
+    granularity, symmetric, bits = params.weight_granularity, params.weight_symmetric, params.weight_bits
     if params.mode == "dynamic":
-        int8.quantize_dynamic_layers(model, names, int8.dynamic_qconfig(params.weight_granularity, symmetric))
+        int8.quantize_dynamic_layers(model, names, int8.dynamic_qconfig(granularity, symmetric, bits))
         return names
-    qconfig = int8.static_qconfig(params.weight_granularity, symmetric, params.observer, params.activation_symmetric)
+    qconfig = int8.static_qconfig(granularity, symmetric, params.observer, params.activation_symmetric, bits)
     int8.prepare_static_layers(model, names, qconfig)
     windows = calibration_windows(ctx, params.calibration_samples, params.calibration_length)
     with ctx.progress.task(f"{ctx.stage_id}: calibrating", len(windows)) as advance:

@@ -1,0 +1,144 @@
+"""Quantization-aware training through torchao, converted to the same int8 artifact as ``quantize.ptq``.
+
+torchao's QAT (prepare -> train -> convert) replaces every quantized linear layer by a
+``FakeQuantizedLinear`` that rounds its weights (int8 or int4 grid, per output channel) and its
+input activations (int8, asymmetric, per token) in the forward pass and lets gradients pass
+straight through the rounding (Jacob et al., 2018; Bengio et al., 2013). The model is then
+fine-tuned on ``data.train`` so it learns weights that survive rounding. ``convert`` restores
+plain linear layers holding the trained weights, which are quantized exactly as
+``quantize.ptq`` with ``mode: dynamic`` and the same ``weight_bits``/granularity/symmetry would
+quantize them (torch.ao int8 kernels, format ``torch-int8``); so QAT and PTQ of the same
+checkpoint compare on the same scheme, kernel and yardstick.
+
+```yaml
+- id: qat-w4
+  kind: quantize.qat
+  params: {weight_bits: 4, steps: 100, learning_rate: 0.00002}
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from slimline.artifacts import Artifact
+from slimline.models import load_causal_lm, stored_dtype
+from slimline.quantize import int8
+from slimline.quantize.common import (
+    QUANTIZED_KEY,
+    check_sequence_length,
+    check_unquantized_shape,
+    require_unquantized_model,
+)
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.training import TrainSettings, train_steps
+
+log = logging.getLogger(__name__)
+
+KIND = "quantize.qat"
+REQUIRES = ("torchao",)
+EXTRA = "quant"
+DEVICE = "cpu"
+DATA = ("train",)
+FORMAT = "torch-int8"
+
+
+class Params(StageParams, TrainSettings):
+    """The target scheme (as quantize.ptq dynamic) and the fine-tuning settings."""
+
+    weight_bits: Literal[8, 4] = Field(
+        4, description="Weight grid trained for: int8, or int4 (-8..7) where QAT recovers the most."
+    )
+    weight_granularity: Literal["per_channel", "per_tensor"] = Field(
+        "per_channel", description="One weight scale per output channel (accurate) or per layer."
+    )
+    weight_symmetric: bool = Field(True, description="Symmetric weight grid (zero point 0), or asymmetric.")
+    include_lm_head: bool = Field(
+        True, description="Also quantize (and train for) the LM head, as quantize.ptq does by default."
+    )
+    steps: int = Field(100, ge=1, description="Optimizer steps with fake quantization.")
+    learning_rate: float = Field(
+        2e-5, gt=0, description="Peak learning rate; low, since the model is already trained and only adapts."
+    )
+    precision: Literal["bf16", "fp32"] = Field(
+        "fp32", description="fp32 keeps the fake-quantization arithmetic exact; bf16 autocast is faster on AVX512-BF16."
+    )
+
+
+def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
+    """The input must be full precision; training windows must fit the context."""
+    problems = check_unquantized_shape(KIND, shape)
+    problems += check_sequence_length("sequence_length", params.sequence_length, shape)
+    return problems, shape.changed(**{QUANTIZED_KEY: {"quant_method": "torch.ao int8 dynamic (qat)"}})
+
+
+def fake_quantize_configs(params: Params) -> tuple[Any, Any]:
+    """The torchao fake-quantization configs of the activations and weights."""
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    activation = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+    weight_dtype = torch.int8 if params.weight_bits == 8 else torch.int4
+    granularity = "per_channel" if params.weight_granularity == "per_channel" else "per_tensor"
+    weight = IntxFakeQuantizeConfig(weight_dtype, granularity, is_symmetric=params.weight_symmetric)
+    return activation, weight
+
+
+def prepare(model: torch.nn.Module, names: list[str], params: Params) -> None:
+    """Swap the named linear layers for torchao's fake-quantized linears."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    activation, weight = fake_quantize_configs(params)
+    chosen = set(names)
+    quantize_(
+        model,
+        QATConfig(activation_config=activation, weight_config=weight, step="prepare"),
+        filter_fn=lambda module, fqn: fqn in chosen,
+    )
+
+
+def convert(model: torch.nn.Module) -> None:
+    """Turn torchao's fake-quantized linears back into plain linears holding the trained weights."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    quantize_(model, QATConfig(step="convert"))
+
+
+def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
+    """Prepare, fine-tune with fake quantization, convert, then quantize to the int8 artifact."""
+    parent = inputs[0]
+    require_unquantized_model(parent, KIND)
+    model = load_causal_lm(parent.model_path)
+    names = int8.quantizable_linears(model, params.include_lm_head)
+    if params.include_lm_head and model.config.tie_word_embeddings:
+        # the LM head gets its own trainable copy: fake-quantizing it must not round the input embeddings
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    prepare(model, names, params)
+    losses = train_steps(model, ctx.data.stream("train"), params, ctx)
+    convert(model)
+    qconfig = int8.dynamic_qconfig(params.weight_granularity, params.weight_symmetric, params.weight_bits)
+    int8.quantize_dynamic_layers(model, names, qconfig)
+    recipe = {
+        "mode": "dynamic",
+        "engine": torch.backends.quantized.engine,
+        "storage_dtype": str(stored_dtype(parent.model_path)).removeprefix("torch."),
+        "params": params.model_dump(mode="json"),
+    }
+    int8.save_int8_model(model, names, ctx.work_dir, recipe)
+    log.info("%s: %d layers trained for int%d weights, saved as int8", ctx.stage_id, len(names), params.weight_bits)
+    return StageOutput(
+        format=FORMAT,
+        metrics={
+            "weight_bits": params.weight_bits,
+            "quantized_layers": len(names),
+            "loss_curve": losses,
+            "final_loss": math.fsum(losses[-10:]) / len(losses[-10:]),
+        },
+    )
