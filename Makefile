@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: this machine's pip takes the local CPU build of 2.13.0.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# llama.cpp's HF->GGUF converter is in llama-cpp-python's sdist, not its wheel: unpack it into ~/.cache/slimline.
+	$(PY) -m slimline.quantize.gguf_converter fetch
 	touch $@
 
 install: $(VENV)/.installed

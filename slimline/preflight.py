@@ -29,6 +29,9 @@ def missing_requirements(kind: str) -> list[str]:
         for package in module.REQUIRES
         if importlib.util.find_spec(package) is None
     ]
+    tools_check = getattr(module, "missing_tools", None)  # needs beyond packages (llama.cpp's converter)
+    if tools_check is not None:
+        reasons += tools_check()
     if module.DEVICE == "cuda" and not torch.cuda.is_available():
         reasons.append("needs a CUDA GPU and none is visible")
     if reasons and getattr(module, "SKIP_HINT", None):

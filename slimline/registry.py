@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "quantize.ptq": "slimline.quantize.ptq",
     "quantize.bnb": "slimline.quantize.bnb",
     "quantize.gptq": "slimline.quantize.gptq",
+    "quantize.gguf": "slimline.quantize.gguf",
     "export.onnx": "slimline.export.onnx",
     "export.tensorrt": "slimline.export.tensorrt",
 }

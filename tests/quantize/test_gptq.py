@@ -95,3 +95,42 @@ def test_quantizing_a_quantized_model_is_refused(tiny_model: Path, tmp_path: Pat
     stages = GPTQ_STAGES + "  - id: twice\n    kind: quantize.gptq\n    from: gptq\n    params: {method: rtn}\n"
     with pytest.raises(ConfigError, match="already quantized"):
         load_pipeline(write_pipeline(tmp_path, tiny_model, stages))
+
+
+@pytest.mark.stage
+def test_an_already_quantized_input_model_is_refused(gptq_run: Path, tmp_path: Path) -> None:
+    stages = "  - id: again\n    kind: quantize.ptq\n    params: {mode: dynamic}\n"
+    with pytest.raises(ConfigError, match="already quantized"):
+        load_pipeline(write_pipeline(tmp_path, gptq_run / "stages" / "gptq", stages))
+
+
+@pytest.mark.stage
+def test_run_time_check_refuses_a_quantized_parent(gptq_run: Path) -> None:
+    from slimline.artifacts import Artifact
+    from slimline.errors import StageError
+    from slimline.quantize.common import require_unquantized_model
+
+    folder = gptq_run / "stages" / "gptq"
+    parent = Artifact(folder, json.loads((folder / "artifact.json").read_text()))
+    with pytest.raises(StageError, match="already gptq"):
+        require_unquantized_model(parent, "quantize.bnb")
+
+
+@pytest.mark.slow
+def test_three_bit_asymmetric_act_order(tiny_model: Path, tmp_path: Path) -> None:
+    stages = """\
+  - id: g3
+    kind: quantize.gptq
+    params: {bits: 3, group_size: 32, act_order: true, sym: false, calibration_samples: 8, calibration_length: 64}
+"""
+    outcome = Runner(load_pipeline(write_pipeline(tmp_path, tiny_model, stages)), tmp_path / "run").run()
+    assert outcome.ok, [r.reason for r in outcome.results]
+    folder = tmp_path / "run" / "stages" / "g3"
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["desc_act"], config["sym"]) == (3, True, False)
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        assert weights.get_tensor("model.layers.0.mlp.down_proj.qweight").shape == (128 * 3 // 32, 64)
+        g_idx = weights.get_tensor("model.layers.0.mlp.down_proj.g_idx")
+    assert not torch.equal(g_idx, torch.arange(128) // 32)  # act-order permutes columns across groups
+    report = json.loads((folder / "report.json").read_text())
+    assert report["metrics"]["accuracy"]["top1_agreement_with_input"] > 0.8

@@ -13,6 +13,7 @@ BACKEND_BY_FORMAT = {
     "peft": "pytorch",
     "torch-int8": "pytorch",
     "onnx": "onnxruntime",
+    "gguf": "llama.cpp",
     "tensorrt": "tensorrt",
 }
 
@@ -33,6 +34,10 @@ def open_backend(artifact: Artifact) -> Backend:
         from slimline.evaluate.backends.onnx_backend import OnnxBackend  # onnxruntime is an optional extra
 
         return OnnxBackend(artifact.path)
+    if artifact.format == "gguf":
+        from slimline.evaluate.backends.llama_cpp_backend import LlamaCppBackend  # an optional extra
+
+        return LlamaCppBackend(artifact.path)
     if artifact.format == "tensorrt":
         from slimline.evaluate.backends.tensorrt_backend import TensorRTBackend  # needs TensorRT and CUDA
 

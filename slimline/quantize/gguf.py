@@ -1,0 +1,324 @@
+"""GGUF for llama.cpp: convert with llama.cpp's own converter, quantize with ``llama_model_quantize``.
+
+The HF checkpoint goes through ``convert_hf_to_gguf.py`` (see ``gguf_converter.py``) to a 16-bit
+(or f32) GGUF; any other type is then made by llama.cpp's quantizer through llama-cpp-python,
+optionally weighted by an importance matrix measured on the calibration split
+(``gguf_imatrix.py``). K-quant mixes (``Q4_K_M`` ...) are llama.cpp's: a few sensitive tensors
+get a wider type. Before publishing, the GGUF's tokenizer is checked against the HF tokenizer on
+real text: the ids must be identical, or the stage fails. The artifact (format ``gguf``, one
+``model.gguf``) is evaluated through llama.cpp (``evaluate/backends/llama_cpp_backend.py``).
+
+```yaml
+- id: q4
+  kind: quantize.gguf
+  from: input
+  params: {type: Q4_K_M}
+```
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from slimline.artifacts import Artifact
+from slimline.errors import StageError
+from slimline.evaluate.backends.llama_cpp_backend import MODEL_FILE, open_gguf
+from slimline.evaluate.backends.llama_cpp_log import capture_llama_cpp_log, take_recent_messages
+from slimline.models import load_tokenizer, stored_dtype
+from slimline.quantize import gguf_converter
+from slimline.quantize.common import QUANTIZED_KEY, check_unquantized_shape, require_unquantized_model
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+
+log = logging.getLogger(__name__)
+
+KIND = "quantize.gguf"
+REQUIRES: tuple[str, ...] = ("llama_cpp", "gguf", "sentencepiece")
+EXTRA = "gguf"
+DEVICE = "cpu"
+DATA: tuple[str, ...] = ("calibration",)
+
+GgufType = Literal[
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q6_K",
+    "Q5_K_M",
+    "Q5_K_S",
+    "Q5_1",
+    "Q5_0",
+    "Q4_K_M",
+    "Q4_K_S",
+    "Q4_1",
+    "Q4_0",
+    "IQ4_XS",
+    "IQ4_NL",
+    "Q3_K_L",
+    "Q3_K_M",
+    "Q3_K_S",
+    "Q2_K",
+]
+# Types the converter writes itself, with its --outtype; every other type is made by llama_model_quantize.
+CONVERTER_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+# Weights per quantization block: a quantized tensor's rows must be a multiple (else llama.cpp silently
+# falls back to another type for that tensor).
+SUPER_BLOCK = 256
+LEGACY_BLOCK = 32
+# A fixed set of texts that stress a byte-level pre-tokenizer: whitespace runs, digits, contractions, non-ASCII.
+EDGE_TEXTS = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n",
+    "3 33 333 3333 33333 3.3 3..3 3...3 0x1F 1e-5 -42",
+    "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL",
+    "\u00e9t\u00e9 na\u00efve \u043d\u0435\u0449\u043e \u6211\u60f3\u5728apple\u5de5\u4f5c \U0001f680 (emoji) \u2705",
+    "def f(x):\n\treturn x  # trailing spaces   \n\n\nclass A:\n    pass\n",
+    "''''''```````\"\"\"\"......!!!!!!?????? ------======= \\\\n \\t",
+)
+
+
+class Params(StageParams):
+    """The GGUF type to write, the importance matrix, and how the tokenizer is checked."""
+
+    type: GgufType = Field(
+        description="llama.cpp type: F16/BF16/F32 straight from the converter; Q8_0 is near-lossless, "
+        "K-quants (Q6_K ... Q2_K) trade size for accuracy; _M mixes keep sensitive tensors wider than _S."
+    )
+    imatrix: bool = Field(
+        False,
+        description="Weight quantization error by an importance matrix (mean squared activations per input "
+        "channel, measured on calibration data); helps most at 4 bits and below. Not for F16/BF16/F32.",
+    )
+    imatrix_samples: int = Field(32, ge=1, le=4096, description="Calibration sequences for the importance matrix.")
+    imatrix_length: int = Field(256, ge=8, description="Tokens per importance-matrix calibration sequence.")
+    threads: int | None = Field(
+        None, ge=1, description="Threads for llama.cpp's quantizer; default: the threads PyTorch uses."
+    )
+    tokenizer_check_tokens: int = Field(
+        20000,
+        ge=0,
+        description="Calibration tokens decoded to text and re-tokenized by both tokenizers (plus fixed edge cases).",
+    )
+
+    @model_validator(mode="after")
+    def check_imatrix(self) -> Params:
+        """An importance matrix only steers quantization; float types have none."""
+        if self.imatrix and self.type in CONVERTER_TYPES:
+            raise ValueError(f"imatrix applies to quantized types, not {self.type}; set imatrix: false")
+        return self
+
+
+def block_size(gguf_type: str) -> int:
+    """Weights per block of ``gguf_type``: 256 for K-quants and IQ4_XS, 32 for legacy quants, 1 for floats."""
+    if gguf_type in CONVERTER_TYPES:
+        return 1
+    if "_K" in gguf_type or gguf_type == "IQ4_XS":
+        return SUPER_BLOCK
+    return LEGACY_BLOCK
+
+
+def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
+    """Refuse a quantized input, an architecture the converter lacks, and widths the type's blocks do not divide."""
+    problems = check_unquantized_shape(KIND, shape)
+    problems += check_architecture(shape.config)
+    block = block_size(params.type)
+    widths = {name: shape.config.get(name) for name in ("hidden_size", "intermediate_size")}
+    bad = {name: width for name, width in widths.items() if isinstance(width, int) and width % block}
+    if bad:
+        problems.append(
+            (
+                ("type",),
+                f"{params.type} quantizes rows in blocks of {block} weights and the model's {bad} are not "
+                f"multiples of {block}; llama.cpp would fall back to another type; pick Q8_0/Q4_0 (blocks of 32) or F16",
+            )
+        )
+    return problems, shape.changed(**{QUANTIZED_KEY: {"quant_method": f"gguf-{params.type}"}})
+
+
+def check_architecture(config: dict[str, Any]) -> ShapeProblems:
+    """The model's architecture must be one the converter registers (checked when the converter is here)."""
+    version = gguf_converter.llama_cpp_version()
+    if version is None or gguf_converter.missing_converter():
+        return []  # preflight refuses the stage with the fix
+    supported = gguf_converter.supported_architectures(gguf_converter.converter_home(version))
+    architectures = config.get("architectures") or []
+    unsupported = [name for name in architectures if name not in supported]
+    if unsupported or not architectures:
+        return [((), f"llama.cpp's converter ({version}) does not support the architecture {architectures}")]
+    return []
+
+
+def missing_tools() -> list[str]:
+    """Preflight: llama.cpp's converter must have been fetched (it is not in llama-cpp-python's wheel)."""
+    return gguf_converter.missing_converter()
+
+
+def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
+    """Convert, quantize, check the tokenizer, and leave model.gguf in the work folder."""
+    parent = inputs[0]
+    require_unquantized_model(parent, KIND)
+    converter = gguf_converter.find_converter()
+    problems = check_architecture(json.loads((parent.model_path / "config.json").read_text()))
+    if problems:
+        raise StageError(problems[0][1])
+    target = ctx.work_dir / MODEL_FILE
+    declared, importance = write_gguf(params, parent, converter, target, ctx)
+    tokenizer = check_tokenizer(target, parent.model_path, ctx.data.stream("calibration"), params)
+    if tokenizer["tokenizer_roundtrip_identical"] < 1.0:
+        raise StageError(
+            f"the GGUF's tokenizer differs from the HF tokenizer on {tokenizer['tokenizer_roundtrip_mismatches']} "
+            f"of {tokenizer['tokenizer_roundtrip_texts']} texts (first: {tokenizer['tokenizer_first_mismatch']}); "
+            "llama.cpp would score and generate different tokens"
+        )
+    metrics = describe_gguf(target, params.type) | tokenizer
+    metrics["pre_tokenizer_declared"] = declared
+    if importance is not None:
+        metrics["imatrix_tensors"] = len(importance)
+    metrics["converter"] = gguf_converter.converter_info(converter)
+    return StageOutput(format="gguf", metrics=metrics)
+
+
+def write_gguf(
+    params: Params, parent: Artifact, converter: Path, target: Path, ctx: StageContext
+) -> tuple[bool, dict[str, Any] | None]:
+    """Convert (and quantize) into ``target``; the 16-bit intermediate goes in a scratch folder, deleted after.
+
+    Returns whether the pre-tokenizer was declared, and the importance matrix used (if any).
+    """
+    pre_tokenizer = gguf_converter.declared_pre_tokenizer(parent.model_path)
+    if params.type in CONVERTER_TYPES:
+        with ctx.progress.task(f"{ctx.stage_id}: convert", 1) as advance:
+            declared = gguf_converter.convert(
+                converter, parent.model_path, target, CONVERTER_TYPES[params.type], pre_tokenizer
+            )
+            advance(1)
+        return declared, None
+    scratch = ctx.work_dir / "_build"
+    scratch.mkdir()
+    source = scratch / "model-16bit.gguf"
+    with ctx.progress.task(f"{ctx.stage_id}: convert + quantize", 2) as advance:
+        declared = gguf_converter.convert(
+            converter, parent.model_path, source, intermediate_type(parent), pre_tokenizer
+        )
+        advance(1)
+        importance = compute_importance(params, parent, source, ctx) if params.imatrix else None
+        quantize_file(source, target, params, importance)
+        advance(1)
+    shutil.rmtree(scratch)
+    return declared, importance
+
+
+def intermediate_type(parent: Artifact) -> str:
+    """What the converter writes before quantizing: f32 for a float32 checkpoint, else its 16-bit type."""
+    return "f32" if stored_dtype(parent.model_path) == torch.float32 else "auto"
+
+
+def compute_importance(params: Params, parent: Artifact, source: Path, ctx: StageContext):
+    """The importance matrix on calibration windows, named by the GGUF's tensors."""
+    from slimline.quantize.common import calibration_windows
+    from slimline.quantize.gguf_imatrix import importance_matrix
+
+    windows = calibration_windows(ctx, params.imatrix_samples, params.imatrix_length)
+    return importance_matrix(parent.model_path, source, windows)
+
+
+def quantize_file(source: Path, target: Path, params: Params, importance: dict[str, Any] | None) -> None:
+    """``llama_model_quantize`` from the converter's file to ``params.type``; StageError if llama.cpp refuses."""
+    import llama_cpp
+
+    from slimline.quantize.gguf_imatrix import imatrix_array
+
+    capture_llama_cpp_log()
+    take_recent_messages()
+    settings = llama_cpp.llama_model_quantize_default_params()
+    settings.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{params.type}")
+    settings.nthread = params.threads or torch.get_num_threads()
+    matrix = imatrix_array(importance) if importance is not None else None  # kept alive across the call
+    if matrix is not None:
+        settings.imatrix = ctypes.cast(matrix.entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    log.info("llama_model_quantize %s -> %s (%d threads)", source.name, params.type, settings.nthread)
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(settings))
+    del matrix
+    if code != 0 or not target.exists():
+        raise StageError(f"llama_model_quantize failed to make {params.type} (code {code}): {take_recent_messages()}")
+
+
+def describe_gguf(path: Path, gguf_type: str) -> dict[str, Any]:
+    """Type, size, bits per weight, the tensor types llama.cpp chose, and the tokenizer metadata."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    elements = sum(int(tensor.n_elements) for tensor in reader.tensors)
+    tensor_bytes = sum(int(tensor.n_bytes) for tensor in reader.tensors)
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    return {
+        "gguf_type": gguf_type,
+        "file_mb": path.stat().st_size / 1e6,
+        "bits_per_weight": 8 * tensor_bytes / elements,
+        "tensor_types": dict(sorted(types.items())),
+        "gguf_parameters": elements,
+        "pre_tokenizer": read_string(reader, "tokenizer.ggml.pre"),
+    }
+
+
+def read_string(reader, key: str) -> str | None:
+    """A string field of a GGUF's metadata, or None."""
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+# --- tokenizer round-trip ------------------------------------------------------------------
+
+
+def check_tokenizer(path: Path, model_path: Path, stream: torch.Tensor, params: Params) -> dict[str, Any]:
+    """Tokenize the same texts with the HF tokenizer and the GGUF's (llama.cpp); count identical id lists."""
+    tokenizer = load_tokenizer(model_path)
+    texts = list(EDGE_TEXTS) + calibration_texts(tokenizer, stream[: params.tokenizer_check_tokens])
+    llama = open_gguf(path, vocab_only=True)
+    mismatches, first, tokens = 0, None, 0
+    try:
+        for text in texts:
+            expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+            actual = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            tokens += len(expected)
+            if expected != actual:
+                mismatches += 1
+                first = first or first_difference(text, expected, actual)
+    finally:
+        llama.close()
+    return {
+        "tokenizer_roundtrip_texts": len(texts),
+        "tokenizer_roundtrip_tokens": tokens,
+        "tokenizer_roundtrip_mismatches": mismatches,
+        "tokenizer_roundtrip_identical": (len(texts) - mismatches) / len(texts),
+        "tokenizer_first_mismatch": first,
+    }
+
+
+def calibration_texts(tokenizer, tokens: torch.Tensor) -> list[str]:
+    """Calibration documents as text: the token stream split at EOS and decoded."""
+    eos = tokenizer.eos_token_id
+    texts, current = [], []
+    for token in tokens.tolist():
+        if token == eos:
+            texts.append(current)
+            current = []
+        else:
+            current.append(token)
+    texts.append(current)
+    return [tokenizer.decode(ids) for ids in texts if ids]
+
+
+def first_difference(text: str, expected: list[int], actual: list[int]) -> str:
+    """Where two id lists first differ, with a little context, for the error message."""
+    index = next((i for i, (a, b) in enumerate(zip(expected, actual, strict=False)) if a != b), None)
+    index = min(len(expected), len(actual)) if index is None else index
+    return f"text {text[:40]!r}...: token {index}: HF {expected[index : index + 3]} vs llama.cpp {actual[index : index + 3]}"
