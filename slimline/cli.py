@@ -1,4 +1,4 @@
-"""The ``slimline`` command line: run, validate, schema, report.
+"""The ``slimline`` command line: run, validate, schema, report, compare, gate.
 
 Options live in the pipeline file; the CLI takes its path and dotted overrides
 (``--set stages.tuned.params.steps=10``) and never re-declares stage options.
@@ -60,10 +60,30 @@ class BarProgress(Progress):
                 self.bars.remove_task(task_id)
 
 
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per log record (``time``, ``level``, ``logger``, ``message``), for CI log parsers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as a single line of JSON; a traceback goes into ``exception``."""
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def setup_logging(quiet: bool, ci: bool) -> None:
-    """Rich log lines for people; plain timestamped lines for CI and --quiet."""
+    """Rich log lines for people; JSON lines on stderr for CI; plain timestamped lines for --quiet."""
     level = logging.WARNING if quiet else logging.INFO
-    if ci or quiet:
+    if ci:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonLineFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    elif quiet:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     else:
         logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
@@ -95,7 +115,7 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<name>).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, warnings only.")] = False,
     ci: Annotated[
-        bool, typer.Option("--ci", help="No bars, plain log lines, non-zero exit on any failed stage.")
+        bool, typer.Option("--ci", help="No bars, JSON log lines on stderr, non-zero exit on any failed stage.")
     ] = False,
 ) -> None:
     """Run a pipeline: every stage, its evaluation and its report, reusing finished work."""
@@ -109,9 +129,29 @@ def run(
         outcome = runner.run()
     except SlimlineError as error:
         fail(error)
-    print_summary(json.loads((outcome.run_dir / "summary.json").read_text()))
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    print_summary(summary)
+    if ci:
+        log_run_outcome(summary, outcome.run_dir)
     if not outcome.ok:
         raise typer.Exit(1)
+
+
+def log_run_outcome(summary: dict[str, Any], run_dir: Path) -> None:
+    """One machine-readable record of the run's end: status per stage and where the reports are."""
+    logging.getLogger("slimline.run").log(
+        logging.INFO if summary["ok"] else logging.ERROR,
+        "run finished: %s",
+        json.dumps(
+            {
+                "ok": summary["ok"],
+                "run_dir": str(run_dir),
+                "stages": {row["stage"]: row["status"] for row in summary["stages"]},
+                "failed": {row["stage"]: row["reason"] for row in summary["stages"] if row["status"] == "failed"},
+                "reports": [str(run_dir / name) for name in ("report.md", "report.html", "summary.json")],
+            }
+        ),
+    )
 
 
 @app.command()
@@ -131,14 +171,59 @@ def schema() -> None:
     typer.echo(json.dumps(pipeline_json_schema(), indent=2))
 
 
+RunArg = Annotated[Path, typer.Argument(help="A run folder, e.g. runs/quickstart.")]
+
+
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/quickstart.")]) -> None:
-    """Print the summary table of a finished run."""
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        console.print(f"[bold red]error:[/] {summary_path} not found: is {run_dir} a run folder?", soft_wrap=True)
-        raise typer.Exit(2)
-    print_summary(json.loads(summary_path.read_text()))
+def report(run_dir: RunArg) -> None:
+    """Rewrite a finished run's report.md and report.html from its summary.json and print the table."""
+    from slimline.reports.comparison import write_run_reports
+    from slimline.reports.rows import read_summary
+
+    try:
+        summary = read_summary(run_dir)
+        paths = write_run_reports(run_dir)
+    except SlimlineError as error:
+        fail(error)
+    print_summary(summary)
+    console.print(f"reports: {paths['md']}, {paths['html']}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="The reference run folder, e.g. the last release.")],
+    run_b: Annotated[Path, typer.Argument(help="The run folder to compare with it, e.g. the candidate.")],
+    markdown: Annotated[Path | None, typer.Option("--md", help="Also write the comparison as Markdown here.")] = None,
+) -> None:
+    """Show what changed between two runs: changed, added and removed stages and every metric's delta."""
+    from slimline.reports.compare import compare_runs, render_diff_markdown
+
+    try:
+        diff = compare_runs(run_a, run_b)
+    except SlimlineError as error:
+        fail(error)
+    print_diff(diff)
+    if markdown is not None:
+        markdown.write_text(render_diff_markdown(diff))
+
+
+@app.command()
+def gate(
+    run_dir: RunArg,
+    junit: Annotated[Path | None, typer.Option(help="Also write the verdict as JUnit XML here.")] = None,
+) -> None:
+    """Check a run's release candidate against its pipeline's release limits; exit 1 when a check fails."""
+    from slimline.reports.gate import gate_run, render_verdict_text, write_junit
+
+    try:
+        verdict = gate_run(run_dir)
+    except SlimlineError as error:
+        fail(error)
+    typer.echo(render_verdict_text(verdict))
+    if junit is not None:
+        write_junit(verdict, junit)
+    if not verdict.passed:
+        raise typer.Exit(1)
 
 
 def cell(value: Any, spec: str) -> str:
@@ -181,6 +266,32 @@ def print_summary(summary: dict[str, Any]) -> None:
         )
     # Wide enough for every column when the output is a file or a CI log.
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+DIRECTION_STYLE = {"better": "green", "worse": "red", "same": ""}
+
+
+def print_diff(diff: Any) -> None:
+    """The run-vs-run table: changed stages in bold, deltas coloured by direction."""
+    from slimline.reports.compare import METRICS
+
+    title = f"{diff.run_a} (A) -> {diff.run_b} (B): " + (
+        f"{len(diff.changed)} changed: {', '.join(diff.changed)}" if diff.changed else "no stage changed"
+    )
+    table = Table(title=title)
+    for column in ("stage", "change", "why", *(metric.label for metric in METRICS)):
+        table.add_column(column)
+    for stage in diff.stages:
+        style = "bold" if stage.change != "unchanged" else ""
+        cells = [
+            f"[{DIRECTION_STYLE[d.direction]}]{d.text()}[/]" if d.direction != "same" else d.text()
+            for d in stage.deltas
+        ]
+        table.add_row(stage.stage, stage.change, stage.why or "-", *(cells or ["-"] * len(METRICS)), style=style)
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    out.print(table)
+    for change in diff.context:
+        out.print(f"outside the stages: {change}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -116,13 +116,32 @@ class StageConfig(Strict):
 
 
 class ReleaseConfig(Strict):
-    """The release gate: one candidate artifact and the limits it must meet."""
+    """The release gate: one candidate artifact and the limits it must meet (``slimline gate``).
 
-    candidate: str = Field(description="Stage id of the artifact to release.")
-    max_perplexity_increase: float | None = Field(None, ge=0, description="Relative to the input model, 0.03 = 3%.")
+    Relative limits compare the candidate with the input model measured in the same run;
+    absolute limits compare it with a fixed number. Unset limits are not checked; at least one
+    must be set.
+    """
+
+    candidate: str = Field(description="Stage id of the one artifact to release.")
+    # relative to the input model, measured in the same run
+    max_perplexity_increase: float | None = Field(
+        None, ge=0, description="Perplexity increase over the input model, 0.03 = 3%."
+    )
     max_kl: float | None = Field(None, ge=0, description="Mean KL divergence from the input model, nats/token.")
     min_decode_speedup: float | None = Field(None, gt=0, description="Decode tokens/s ratio over the input model.")
-    max_size_mb: float | None = Field(None, gt=0, description="Artifact size on disk.")
+    max_size_ratio: float | None = Field(None, gt=0, description="Size on disk over the input model's, 0.5 = half.")
+    # absolute
+    max_perplexity: float | None = Field(None, gt=0, description="Perplexity on the eval split.")
+    min_top1_accuracy: float | None = Field(None, ge=0, le=1, description="Top-1 next-token accuracy, 0..1.")
+    min_decode_tokens_per_s: float | None = Field(None, gt=0, description="Greedy decode tokens/s at batch 1.")
+    max_token_p95_ms: float | None = Field(None, gt=0, description="95th percentile per-token decode latency, ms.")
+    max_peak_memory_mb: float | None = Field(None, gt=0, description="Peak memory growth while loading and decoding.")
+    max_size_mb: float | None = Field(None, gt=0, description="Artifact size on disk, MB.")
+
+    def limits(self) -> dict[str, float]:
+        """The limits that are set, by field name, in declaration order."""
+        return {name: value for name, value in self.model_dump(exclude={"candidate"}).items() if value is not None}
 
 
 class PipelineConfig(Strict):
@@ -196,13 +215,22 @@ def validate_data(data: dict[str, Any], path: Path) -> tuple[Pipeline | None, li
         problems.append(Problem(("model",), model_problem))
     elif not problems:
         problems += check_stages_against_model(config, params, parents, path.resolve().parent)
-    if config.release and config.release.candidate not in parents:
-        problems.append(
-            Problem(
-                ("release", "candidate"), f"no stage with id {config.release.candidate!r}; stages: {sorted(parents)}"
-            )
-        )
+    if config.release:
+        problems += check_release(config.release, parents)
     return Pipeline(config, params, parents, path.resolve()), problems
+
+
+def check_release(release: ReleaseConfig, parents: dict[str, str]) -> list[Problem]:
+    """A release block names one existing stage and sets at least one limit."""
+    problems = []
+    if release.candidate not in parents:
+        problems.append(
+            Problem(("release", "candidate"), f"no stage with id {release.candidate!r}; stages: {sorted(parents)}")
+        )
+    if not release.limits():
+        names = [name for name in ReleaseConfig.model_fields if name != "candidate"]
+        problems.append(Problem(("release",), f"no limits set; a gate needs at least one of {names}"))
+    return problems
 
 
 def check_model_source(spec: str, base: Path) -> str | None:

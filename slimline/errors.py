@@ -19,3 +19,7 @@ class StageError(SlimlineError):
 
 class ArtifactError(SlimlineError):
     """An artifact folder is missing, incomplete or does not match its manifest."""
+
+
+class ReportError(SlimlineError):
+    """A run folder is missing, or lacks what a report, a comparison or the gate needs."""

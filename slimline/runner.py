@@ -6,7 +6,9 @@ Run folder layout::
       input/artifact.json          the input model (format 'source': hashes of its files, not a copy)
       input/report.{json,md}       its evaluation: the baseline every delta refers to
       stages/<id>/                 one artifact per stage: model files, artifact.json, report.{json,md}
-      summary.json                 every stage's status and headline figures
+      summary.json                 every stage's status and figures, and the release block
+      manifest.json                seeds, library versions, hardware, data hashes (reproducibility)
+      report.md, report.html       the comparison report: every artifact side by side, plots, gate
 
 Caching: a stage's key hashes its kind, params, seed, the data it reads and its parent's key.
 A finished artifact with the same key is reused; a changed parameter changes that stage's key
@@ -46,7 +48,9 @@ from slimline.models import copy_tokenizer_files, load_tokenizer, resolve_model_
 from slimline.preflight import run_preflight
 from slimline.progress import Progress
 from slimline.registry import stage_module
+from slimline.reports.comparison import write_run_reports
 from slimline.reports.stage import evaluation_key, read_report, write_stage_report
+from slimline.reproducibility import write_manifest
 from slimline.stage import DataAccess, StageContext
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,8 @@ class Runner:
             evaluator.close()
         outcome = RunResult(self.run_dir, list(self.results.values()), time.perf_counter() - started)
         write_json_atomic(self.run_dir / "summary.json", summarize(outcome, self.pipeline))
+        write_manifest(self.run_dir, self.pipeline, self.splits_read())
+        write_run_reports(self.run_dir)
         return outcome
 
     # --- producing artifacts -------------------------------------------------------------
@@ -223,6 +229,10 @@ class Runner:
         data = self.config.data
         return {"train": data.train, "eval": data.eval, "calibration": data.calibration or data.train}[split]
 
+    def splits_read(self) -> list[str]:
+        """The data splits the pipeline's stages read (evaluation reads ``eval`` besides)."""
+        return sorted({split for stage in self.config.stages for split in stage_module(stage.kind).DATA})
+
     def load_stream(self, split: str) -> torch.Tensor:
         """Tokenize a split with the input model's tokenizer."""
         texts = load_texts(self.data_source(split), self.base)
@@ -297,16 +307,25 @@ def summarize(outcome: RunResult, pipeline: Pipeline) -> dict[str, Any]:
                 "kind": result.kind,
                 "status": result.status,
                 "reason": result.reason,
+                "parent": report.get("parent"),
+                "format": report.get("format"),
                 "backend": report.get("backend"),
+                "key": result.artifact.key if result.artifact else None,
+                "params": report.get("params", {}),
                 "metrics": report.get("metrics", {}),
                 "deltas": report.get("deltas", {}),
-                "stage_seconds": round(result.seconds, 2),
+                "stage_seconds": round(result.seconds, 2),  # spent in this run (0 when reused)
+                "produce_seconds": report.get("stage_seconds"),  # the artifact's own production time
+                "evaluate_seconds": report.get("evaluate_seconds"),
             }
         )
+    release = pipeline.config.release
     return {
         "pipeline": pipeline.config.name,
         "source": str(pipeline.source),
         "ok": outcome.ok,
         "seconds": round(outcome.seconds, 2),
+        "seed": pipeline.config.seed,
+        "release": release.model_dump(mode="json") if release else None,
         "stages": rows,
     }

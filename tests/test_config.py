@@ -63,6 +63,16 @@ def test_good_pipeline_resolves_parents_in_order(tmp_path: Path) -> None:
         ("name: demo", "name: demo\nseed: abc", 2, "seed", "valid integer"),
         ("name: demo", "name: demo\ndata: {train: wikitext}", 2, "data.train", "builtin:stdlib"),
         ("name: demo", "name: demo\nrelease: {candidate: nope}", 2, "release.candidate", "no stage with id 'nope'"),
+        # the release gate: one existing candidate, known limits, at least one of them
+        ("name: demo", "name: demo\nrelease: {candidate: tuned}", 2, "release", "no limits set"),
+        ("name: demo", "name: demo\nrelease: {candidate: tuned, max_kll: 1}", 2, "release.max_kll", "unknown field"),
+        (
+            "name: demo",
+            "name: demo\nrelease: {candidate: tuned, max_kl: -1}",
+            2,
+            "release.max_kl",
+            "greater than or equal",
+        ),
         (
             "name: demo",
             "name: demo\nevaluate: {latency: {repeats: 0}}",

@@ -1,0 +1,116 @@
+"""One row per artifact of a run, read from its ``summary.json``: the shared input of every run-level report.
+
+The comparison report, the release gate and ``slimline compare`` all read a run through
+``read_summary`` and ``rows_from_summary``, so they agree on every number.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimline.errors import ReportError
+
+SUMMARY_JSON = "summary.json"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One artifact (or the stage that should have made it): identity, status and figures."""
+
+    stage: str
+    kind: str
+    status: str  # ran | reused | skipped | failed
+    reason: str = ""
+    parent: str | None = None
+    format: str | None = None
+    backend: str | None = None
+    key: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    size_mb: float | None = None
+    parameters: int | None = None
+    perplexity: float | None = None
+    top1_accuracy: float | None = None
+    kl_vs_input: float | None = None
+    prefill_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+    token_p95_ms: float | None = None
+    peak_memory_mb: float | None = None
+    produce_seconds: float | None = None
+    evaluate_seconds: float | None = None
+    perplexity_change: float | None = None  # vs the input model, 0.03 = +3%
+    decode_speedup: float | None = None  # vs the input model
+    size_ratio: float | None = None  # vs the input model
+
+    @property
+    def measured(self) -> bool:
+        """True when the artifact exists and was measured."""
+        return self.perplexity is not None and self.decode_tokens_per_s is not None
+
+    @property
+    def note(self) -> str:
+        """``skipped: why`` / ``failed: why`` for an artifact that does not exist, else ''."""
+        return f"{self.status}: {self.reason}" if self.status in ("skipped", "failed") else ""
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run folder's summary.json; ReportError when the folder or the file is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such run folder")
+    path = run_dir / SUMMARY_JSON
+    if not path.exists():
+        raise ReportError(f"{path} not found: is {run_dir} a finished run folder (runs/<name>)?")
+    return json.loads(path.read_text())
+
+
+def row_from_summary(entry: dict[str, Any]) -> Row:
+    """A Row from one entry of summary.json's ``stages``."""
+    metrics = entry.get("metrics") or {}
+    accuracy, latency = metrics.get("accuracy", {}), metrics.get("latency", {})
+    deltas = (entry.get("deltas") or {}).get("input", {})
+    return Row(
+        stage=entry["stage"],
+        kind=entry["kind"],
+        status=entry["status"],
+        reason=entry.get("reason", ""),
+        parent=entry.get("parent"),
+        format=entry.get("format"),
+        backend=entry.get("backend"),
+        key=entry.get("key"),
+        params=entry.get("params") or {},
+        size_mb=metrics.get("size_mb"),
+        parameters=metrics.get("parameters"),
+        perplexity=accuracy.get("perplexity"),
+        top1_accuracy=accuracy.get("top1_accuracy"),
+        kl_vs_input=accuracy.get("kl_vs_input"),
+        prefill_ms=latency.get("prefill_ms"),
+        decode_tokens_per_s=latency.get("decode_tokens_per_s"),
+        token_p95_ms=latency.get("token_p95_ms"),
+        peak_memory_mb=latency.get("peak_memory_mb"),
+        produce_seconds=entry.get("produce_seconds"),
+        evaluate_seconds=entry.get("evaluate_seconds"),
+        perplexity_change=deltas.get("perplexity_change"),
+        decode_speedup=deltas.get("decode_speedup"),
+        size_ratio=deltas.get("size_ratio"),
+    )
+
+
+def rows_from_summary(summary: dict[str, Any]) -> list[Row]:
+    """Every artifact of a run, in run order (the input model first)."""
+    return [row_from_summary(entry) for entry in summary["stages"]]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (both minimised), sorted by x.
+
+    A point is dominated when another is no worse on both coordinates and better on one.
+    """
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((ox <= x and oy <= y) and (ox < x or oy < y) for j, (ox, oy) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
