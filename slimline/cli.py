@@ -226,6 +226,38 @@ def gate(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    target: Annotated[
+        Path, typer.Argument(help="Target artifact folder (hf or onnx), e.g. runs/serving/stages/tuned.")
+    ],
+    draft: Annotated[Path | None, typer.Option(help="Draft artifact folder for speculative decoding.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; localhost unless you mean otherwise.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="SLIMLINE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.")
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="Model id clients send; default the target folder's name.")
+    ] = None,
+    k: Annotated[
+        int | None, typer.Option(min=1, max=16, help="Draft tokens per round (start value when adaptive); default 4.")
+    ] = None,
+    adaptive: Annotated[
+        bool | None, typer.Option("--adaptive/--no-adaptive", help="Adapt k to the acceptance rate; default on.")
+    ] = None,
+    max_active: Annotated[int, typer.Option(min=1, help="Requests decoded at once; more wait in a queue.")] = 8,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with speculative decoding when a draft is given."""
+    from slimline.serve.server import serve as run_server
+
+    setup_logging(quiet=False, ci=False)
+    try:
+        run_server(target, draft, host, port, api_key, model_name, k, adaptive, max_active)
+    except SlimlineError as error:
+        fail(error)
+
+
 def cell(value: Any, spec: str) -> str:
     """A table cell; '-' for missing values."""
     return "-" if value is None else format(value, spec)

@@ -8,7 +8,7 @@ references, duplicate ids and cycles. Each problem names the file, the line and 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -164,6 +164,7 @@ class Pipeline:
     params: dict[str, BaseModel]
     parents: dict[str, str]
     source: Path
+    extra_inputs: dict[str, list[str]] = field(default_factory=dict)  # e.g. a serve stage's draft
 
     def resolve_path(self, path: Path) -> Path:
         """A path from the pipeline file, relative to that file's folder."""
@@ -210,6 +211,7 @@ def validate_data(data: dict[str, Any], path: Path) -> tuple[Pipeline | None, li
     params = validate_stage_params(config, problems)
     parents = resolve_parents(config, problems)
     problems += find_cycles(parents)
+    extra_inputs = resolve_extra_inputs(config, params, problems)
     model_problem = check_model_source(config.model, path.resolve().parent)
     if model_problem:
         problems.append(Problem(("model",), model_problem))
@@ -217,7 +219,7 @@ def validate_data(data: dict[str, Any], path: Path) -> tuple[Pipeline | None, li
         problems += check_stages_against_model(config, params, parents, path.resolve().parent)
     if config.release:
         problems += check_release(config.release, parents)
-    return Pipeline(config, params, parents, path.resolve()), problems
+    return Pipeline(config, params, parents, path.resolve(), extra_inputs), problems
 
 
 def check_release(release: ReleaseConfig, parents: dict[str, str]) -> list[Problem]:
@@ -304,6 +306,28 @@ def resolve_parents(config: PipelineConfig, problems: list[Problem]) -> dict[str
     return parents
 
 
+def resolve_extra_inputs(
+    config: PipelineConfig, params: dict[str, BaseModel], problems: list[Problem]
+) -> dict[str, list[str]]:
+    """Stages a stage reads besides its parent (its module's ``EXTRA_INPUTS`` params); each must come earlier."""
+    extra: dict[str, list[str]] = {}
+    earlier: list[str] = []
+    for index, stage in enumerate(config.stages):
+        if stage.id in params:
+            for name in getattr(stage_module(stage.kind), "EXTRA_INPUTS", ()):
+                other = getattr(params[stage.id], name)
+                if other not in earlier:
+                    problems.append(
+                        Problem(
+                            ("stages", index, "params", name),
+                            f"{other!r} is not a stage defined before {stage.id!r}; expected one of {earlier}",
+                        )
+                    )
+                extra.setdefault(stage.id, []).append(other)
+        earlier.append(stage.id)
+    return extra
+
+
 def find_cycles(parents: dict[str, str]) -> list[Problem]:
     """A stage whose chain of parents comes back to itself is a cycle."""
     problems = []
@@ -326,6 +350,8 @@ def topological_order(pipeline: Pipeline) -> list[str]:
         if stage_id == INPUT_ID or stage_id in order:
             return
         visit(pipeline.parents[stage_id])
+        for other in pipeline.extra_inputs.get(stage_id, []):
+            visit(other)
         order.append(stage_id)
 
     for stage in pipeline.config.stages:

@@ -18,12 +18,13 @@ STAGES: dict[str, str] = {
     "prune.magnitude": "slimline.prune.magnitude",
     "prune.structured": "slimline.prune.structured",
     "quantize.qat": "slimline.quantize.qat",
-    "quantize.ptq": "slimline.quantize.ptq",
     "quantize.bnb": "slimline.quantize.bnb",
+    "quantize.ptq": "slimline.quantize.ptq",
     "quantize.gptq": "slimline.quantize.gptq",
     "quantize.gguf": "slimline.quantize.gguf",
     "export.onnx": "slimline.export.onnx",
     "export.tensorrt": "slimline.export.tensorrt",
+    "serve": "slimline.serve.stage",
 }
 
 

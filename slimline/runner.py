@@ -150,9 +150,12 @@ class Runner:
         parent = self.results[self.pipeline.parents[stage_id]]
         if preflight_skip:
             return StageResult(stage_id, stage.kind, "skipped", reason=preflight_skip)
-        if parent.artifact is None:
-            return StageResult(stage_id, stage.kind, "skipped", reason=f"its input {parent.stage_id!r} {parent.status}")
-        key = self.stage_key(stage_id, parent.artifact)
+        extras = [self.results[other] for other in self.pipeline.extra_inputs.get(stage_id, [])]
+        for needed in (parent, *extras):
+            if needed.artifact is None:
+                return StageResult(stage_id, stage.kind, "skipped", reason=f"its input {needed.stage_id!r} {needed.status}")
+        inputs = [parent.artifact, *(extra.artifact for extra in extras)]
+        key = self.stage_key(stage_id, inputs)
         folder = self.stage_dir(stage_id)
         reused = find_reusable(folder, key)
         if reused:
@@ -160,25 +163,26 @@ class Runner:
             return StageResult(stage_id, stage.kind, "reused", artifact=reused)
         started = time.perf_counter()
         try:
-            artifact = self.run_stage(stage_id, stage.kind, key, parent.artifact, folder)
+            artifact = self.run_stage(stage_id, stage.kind, key, inputs, folder)
         except Exception as error:  # a failed stage is reported; its siblings still run
             log.error("%s failed: %s\n%s", stage_id, error, traceback.format_exc())
             return StageResult(stage_id, stage.kind, "failed", reason=f"{type(error).__name__}: {error}")
         return StageResult(stage_id, stage.kind, "ran", artifact=artifact, seconds=time.perf_counter() - started)
 
-    def run_stage(self, stage_id: str, kind: str, key: str, parent: Artifact, folder: Path) -> Artifact:
+    def run_stage(self, stage_id: str, kind: str, key: str, inputs: list[Artifact], folder: Path) -> Artifact:
         """Run a stage into a temporary folder and publish it; the temporary folder goes on failure."""
         module = stage_module(kind)
+        parent = inputs[0]
         params = self.pipeline.params[stage_id]
         work = new_work_folder(folder)
         try:
             torch.manual_seed(self.config.seed)
             ctx = StageContext(stage_id, work, self.config.seed, self.data, self.progress)
             started = time.perf_counter()
-            output = module.run(params, [parent], ctx)
+            output = module.run(params, inputs, ctx)
             seconds = time.perf_counter() - started
             copy_tokenizer_files(parent.model_path, work)
-            manifest = self.manifest(stage_id, kind, output.format, key, params.model_dump(mode="json"), [parent])
+            manifest = self.manifest(stage_id, kind, output.format, key, params.model_dump(mode="json"), inputs)
             manifest["stage_metrics"] = output.metrics
             manifest["stage_seconds"] = round(seconds, 2)
             if output.base_model_path is not None:
@@ -188,7 +192,7 @@ class Runner:
             shutil.rmtree(work, ignore_errors=True)
             raise
 
-    def stage_key(self, stage_id: str, parent: Artifact) -> str:
+    def stage_key(self, stage_id: str, inputs: list[Artifact]) -> str:
         """Hash of everything that determines the stage's artifact."""
         module = stage_module(self.stage_config(stage_id).kind)
         data = {split: source_fingerprint(self.data_source(split), self.base) for split in module.DATA}
@@ -196,7 +200,8 @@ class Runner:
             {
                 "kind": module.KIND,
                 "params": self.pipeline.params[stage_id].model_dump(mode="json"),
-                "parent": parent.key,
+                "parent": inputs[0].key,
+                **({"extra_inputs": [artifact.key for artifact in inputs[1:]]} if len(inputs) > 1 else {}),
                 "seed": self.config.seed,
                 "data": data,
             }

@@ -15,6 +15,7 @@ BACKEND_BY_FORMAT = {
     "onnx": "onnxruntime",
     "gguf": "llama.cpp",
     "tensorrt": "tensorrt",
+    "serve": "speculative",
 }
 
 
@@ -38,6 +39,10 @@ def open_backend(artifact: Artifact) -> Backend:
         from slimline.evaluate.backends.llama_cpp_backend import LlamaCppBackend  # an optional extra
 
         return LlamaCppBackend(artifact.path)
+    if artifact.format == "serve":
+        from slimline.evaluate.backends.speculative_backend import SpeculativeBackend
+
+        return SpeculativeBackend(artifact.path)
     if artifact.format == "tensorrt":
         from slimline.evaluate.backends.tensorrt_backend import TensorRTBackend  # needs TensorRT and CUDA
 
