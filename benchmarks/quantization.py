@@ -47,13 +47,13 @@ BAD_REQUESTS = [
 ]
 
 
-def run_pipeline(run_dir: Path) -> dict[str, dict]:
-    """Run the quantization pipeline; return each stage's report."""
+def run_pipeline(run_dir: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Run the quantization pipeline; return each stage's report and status (ran or reused)."""
     outcome = Runner(load_pipeline(PIPELINE), run_dir).run()
     failed = [f"{r.stage_id}: {r.reason}" for r in outcome.results if r.status == "failed"]
     if failed:
         raise SystemExit(f"stages failed: {failed}")
-    return {r.stage_id: r.report for r in outcome.results}
+    return {r.stage_id: r.report for r in outcome.results}, {r.stage_id: r.status for r in outcome.results}
 
 
 def try_refusals(folder: Path) -> list[dict[str, str]]:
@@ -113,6 +113,14 @@ def checks(reports: dict[str, dict], refusals: list[dict], leftovers: list[str])
             "pass": increase < 0.01
             and max(dynamic["deltas"]["input"]["decode_speedup"], dynamic["deltas"]["input"]["prefill_speedup"]) > 1,
         },
+        "supplementary_gptq_3bit_beats_rtn_3bit_g128": {
+            "gptq_perplexity": accuracy(reports["gptq-3bit"], "perplexity"),
+            "rtn_perplexity": accuracy(reports["rtn-3bit"], "perplexity"),
+            "gptq_kl_vs_input": accuracy(reports["gptq-3bit"], "kl_vs_input"),
+            "rtn_kl_vs_input": accuracy(reports["rtn-3bit"], "kl_vs_input"),
+            "pass": accuracy(reports["gptq-3bit"], "perplexity") < accuracy(reports["rtn-3bit"], "perplexity")
+            and accuracy(reports["gptq-3bit"], "kl_vs_input") < accuracy(reports["rtn-3bit"], "kl_vs_input"),
+        },
         "bad_requests_refused_at_validation": {
             "refused": sum(r["refused"] for r in refusals),
             "tried": len(refusals),
@@ -142,16 +150,19 @@ def markdown(result: dict) -> str:
         lines.append(f"- **{verdict(check['pass'])}** {name}: {figures}")
     lines += ["", "## Every artifact (same eval tokens, same PyTorch backend; deltas vs the fp32 input)", ""]
     lines += [
-        "| stage | kind | format | perplexity | ppl change | KL vs input | top-1 | agreement | decode tok/s | decode speedup | prefill ms | size MB | stage s |"
+        "Stages marked `reused` were produced (and evaluated) by an earlier invocation into the same run folder with "
+        "identical keys; `stage s` is the time the stage took when it ran.",
+        "",
+        "| stage | status | kind | format | perplexity | ppl change | KL vs input | top-1 | agreement | decode tok/s | decode speedup | prefill ms | size MB | stage s |",
     ]
-    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for stage, report in result["reports"].items():
         m, d = report["metrics"], report.get("deltas", {}).get("input", {})
         a, lat = m["accuracy"], m["latency"]
         change = f"{100 * d['perplexity_change']:+.2f}%" if d else "-"
         speedup = f"{d['decode_speedup']:.2f}x" if d else "-"
         lines.append(
-            f"| {stage} | {report['kind']} | {report['format']} | {a['perplexity']:.3f} | {change} | {a['kl_vs_input']:.5f} | "
+            f"| {stage} | {result['statuses'][stage]} | {report['kind']} | {report['format']} | {a['perplexity']:.3f} | {change} | {a['kl_vs_input']:.5f} | "
             f"{a['top1_accuracy']:.4f} | {a['top1_agreement_with_input']:.4f} | {lat['decode_tokens_per_s']:.1f} | {speedup} | "
             f"{lat['prefill_ms']:.1f} | {m['size_mb']:.1f} | {report.get('stage_seconds', 0):.0f} |"
         )
@@ -174,7 +185,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         run_dir = args.run_dir or Path(folder) / "run"
-        reports = run_pipeline(run_dir)
+        reports, statuses = run_pipeline(run_dir)
         leftovers = partial_artifacts(run_dir)
         refusals = try_refusals(Path(folder))
     result = {
@@ -184,6 +195,7 @@ def main() -> None:
         "pipeline": str(PIPELINE.relative_to(ROOT)),
         "seconds": round(time.perf_counter() - started, 1),
         "checks": checks(reports, refusals, leftovers),
+        "statuses": statuses,
         "reports": reports,
         "refusals": refusals,
     }
