@@ -1,6 +1,8 @@
 """GGUF types of the built-in example model through llama.cpp: accuracy against the F16 GGUF, size, speed.
 
-    python benchmarks/gguf.py [--out benchmarks/results]
+    python benchmarks/gguf_types.py [--out benchmarks/results]
+
+(Not named gguf.py: the script's folder comes first on sys.path and would shadow the gguf package.)
 
 Runs ``pipelines/gguf.yaml`` through the real runner (F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M and Q4_K_M
 with an importance matrix, each converted by llama.cpp's converter and quantized by
@@ -147,7 +149,7 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}, "
         f"{torch.get_num_threads()} threads",
-        "command": "python benchmarks/gguf.py",
+        "command": "python benchmarks/gguf_types.py",
         "converter": f"Converter: llama-cpp-python {converter['llama_cpp_python']}, llama.cpp "
         f"{converter['llama_cpp_commit'][:12]}.",
         "seconds": round(time.perf_counter() - started, 1),
