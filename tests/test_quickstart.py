@@ -9,6 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from slimline.cli import app
+from tests.headless import decoded_image_sizes, find_chromium
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +31,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
     result, _ = run_quickstart(run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir.parent / "first-run.stderr").write_text(result.stderr)
     return run_dir
 
 
@@ -57,3 +62,34 @@ def test_second_run_reuses_every_stage_in_seconds(quickstart: Path) -> None:
     summary = json.loads((quickstart / "summary.json").read_text())
     assert {row["status"] for row in summary["stages"]} == {"reused"}
     assert seconds < 60, f"a fully cached re-run took {seconds:.1f}s"
+
+
+def test_run_writes_the_three_report_forms_and_the_manifest(quickstart: Path, tmp_path: Path) -> None:
+    for name in ("report.md", "report.html", "summary.json", "manifest.json"):
+        assert (quickstart / name).stat().st_size > 0, name
+    report = (quickstart / "report.md").read_text()
+    for stage in ("input", "tuned", "sparse", "two-four"):
+        assert f"| {stage} | " in report
+    assert "## Release gate: **PASS**" in report
+    manifest = json.loads((quickstart / "manifest.json").read_text())
+    assert manifest["seed"] == 0 and {"eval", "train"} <= set(manifest["data"])
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("no chromium binary on PATH (apt-get install chromium; .ci/run installs it)")
+    plots = [size for size in decoded_image_sizes(quickstart / "report.html", browser, tmp_path) if size[0] == "plot"]
+    assert len(plots) == 3 and all(width > 200 and height > 200 for _, width, height in plots), plots
+
+
+def test_ci_logs_are_json_lines_ending_with_the_outcome(quickstart: Path) -> None:
+    lines = (quickstart.parent / "first-run.stderr").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith('{"time"')]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert any(record["logger"] == "slimline.training" for record in records)
+    finished = json.loads(records[-1]["message"].removeprefix("run finished: "))
+    assert finished["ok"] and finished["stages"]["sparse"] == "ran"
+
+
+def test_gate_passes_the_quickstart_candidate(quickstart: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["gate", str(quickstart), "--junit", str(tmp_path / "gate.xml")])
+    assert result.exit_code == 0, result.output
+    assert "candidate 'sparse'" in result.output and "PASS: 'sparse' meets all 4 limits" in result.output
