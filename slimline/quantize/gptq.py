@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact
 from slimline.errors import StageError
-from slimline.models import stored_dtype
+from slimline.models import TOKENIZER_FILES, stored_dtype
 from slimline.quantize.common import (
     QUANTIZED_KEY,
     calibration_windows,
@@ -52,6 +53,7 @@ DEVICE = "cpu"
 DATA = ("calibration",)
 # gptqmodel files that only describe its run; they are kept out of the artifact.
 RUN_LOG = "quant_log.csv"
+GENERATION_CONFIG = "generation_config.json"
 
 
 class Params(StageParams):
@@ -134,6 +136,17 @@ def layer_losses(folder: Path) -> dict[str, float]:
     return {f"{r['layer']}.{r['module']}": float(r["loss"].rsplit(":", 1)[-1]) for r in rows if r.get("loss")}
 
 
+def keep_parent_side_files(folder: Path, parent: Path) -> None:
+    """Drop the tokenizer and generation files gptqmodel rewrote (it sets do_sample: true); keep the parent's.
+
+    The runner then copies the parent's tokenizer files forward, as for every other stage.
+    """
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
+        (folder / name).unlink(missing_ok=True)
+    if (parent / GENERATION_CONFIG).exists():
+        shutil.copy2(parent / GENERATION_CONFIG, folder / GENERATION_CONFIG)
+
+
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Load the parent in its storage dtype, quantize its decoder linears, save the GPTQ checkpoint."""
     parent = inputs[0]
@@ -149,6 +162,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
         model.quantize(calibration, batch_size=params.batch_size)
         advance(1)
     model.save(str(ctx.work_dir))
+    keep_parent_side_files(ctx.work_dir, parent.model_path)
     losses = layer_losses(ctx.work_dir)
     (ctx.work_dir / RUN_LOG).unlink(missing_ok=True)
     if not any(ctx.work_dir.glob("*.safetensors")):

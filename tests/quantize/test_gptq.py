@@ -63,6 +63,13 @@ def test_quantized_checkpoint_reloads_close_to_full_precision(gptq_run: Path, ti
 
 
 @pytest.mark.stage
+def test_tokenizer_and_generation_defaults_are_the_parents(gptq_run: Path, tiny_model: Path) -> None:
+    folder = gptq_run / "stages" / "gptq"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (folder / name).read_bytes() == (tiny_model / name).read_bytes(), name
+
+
+@pytest.mark.stage
 def test_reports_measure_both_on_the_same_yardstick(gptq_run: Path) -> None:
     reports = {s: json.loads((gptq_run / "stages" / s / "report.json").read_text()) for s in ("gptq", "rtn")}
     gptq, rtn = (reports[s]["stage_metrics"]["mean_layer_loss"] for s in ("gptq", "rtn"))
