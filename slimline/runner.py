@@ -153,7 +153,9 @@ class Runner:
         extras = [self.results[other] for other in self.pipeline.extra_inputs.get(stage_id, [])]
         for needed in (parent, *extras):
             if needed.artifact is None:
-                return StageResult(stage_id, stage.kind, "skipped", reason=f"its input {needed.stage_id!r} {needed.status}")
+                return StageResult(
+                    stage_id, stage.kind, "skipped", reason=f"its input {needed.stage_id!r} {needed.status}"
+                )
         inputs = [parent.artifact, *(extra.artifact for extra in extras)]
         key = self.stage_key(stage_id, inputs)
         folder = self.stage_dir(stage_id)

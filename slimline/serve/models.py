@@ -117,7 +117,7 @@ class OnnxModel(LanguageModel):
     def __init__(self, folder: Path) -> None:
         from slimline.evaluate.backends.onnx_backend import MODEL_FILE, open_session
 
-        self.session = open_session(folder / MODEL_FILE)
+        self.session = open_session(folder / MODEL_FILE, spinning=False)  # target and draft share the cores
         self.name = folder.name
         config = json.loads((folder / "config.json").read_text())
         self.context_length = config["max_position_embeddings"]

@@ -34,14 +34,21 @@ def choose_providers(preferred: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def open_session(path: Path, providers: list[str] | None = None):
-    """An inference session with every graph optimisation and the CPU threads torch uses."""
+def open_session(path: Path, providers: list[str] | None = None, spinning: bool = True):
+    """An inference session with every graph optimisation and the CPU threads torch uses.
+
+    ``spinning=False`` stops idle worker threads from busy-waiting: needed when two sessions take
+    turns on the same cores (a speculative target and draft), where one's spinning threads
+    would steal the cores the other is computing on.
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3  # warnings about unused initialisers are noise here
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=providers or choose_providers())
 
 
