@@ -37,55 +37,55 @@ from pathlib import Path
 import torch
 import transformers
 
+from slimline.artifacts import read_artifact
 from slimline.data import load_texts, tokenize_stream
 from slimline.models import load_causal_lm, load_tokenizer
 from slimline.serve.models import load_language_model
-from slimline.serve.sampling import SamplingParams
-from slimline.serve.speculative import DecodeStats, DraftLength, generate_tokens
+from slimline.serve.speculative import DraftLength, timed_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 K_SWEEP = (1, 2, 3, 4, 6, 8)
 
 
-def decode(target, draft, prompt: list[int], new_tokens: int, k: int | None, adaptive: bool) -> dict:
-    """Greedy tokens and their rate for one prompt (draft None: target only)."""
-    stats = DecodeStats()
-    draft_length = DraftLength(k or 4, adaptive) if draft is not None else None
-    started = time.perf_counter()
-    tokens = []
-    for new in generate_tokens(target, draft, prompt, SamplingParams(), draft_length, torch.Generator(), stats):
-        tokens += new
-        if len(tokens) >= new_tokens:
-            break
-    seconds = time.perf_counter() - started
-    return {"tokens": tokens[:new_tokens], "rate": new_tokens / seconds, "acceptance": stats.acceptance_rate}
-
-
 def sweep(target, draft, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Target-only vs every k and adaptive, interleaved prompt by prompt; medians and exactness."""
-    configs = {"target_only": (None, False), **{f"k={k}": (k, False) for k in K_SWEEP}, "adaptive": (4, True)}
-    rates = {name: [] for name in configs}
-    acceptance = {name: [] for name in configs}
-    identical = dict.fromkeys(configs, 0)
-    decode(target, draft, prompts[0], 16, 4, False)  # warm-up
+    """Target-only vs every k and adaptive, interleaved prompt by prompt; medians and exactness.
+
+    The adaptive controller carries what it learnt from one prompt to the next, as the server does
+    from one request to the next; it starts this sweep knowing nothing.
+    """
+    configs = {"target_only": None, **{f"k={k}": k for k in K_SWEEP}, "adaptive": "adaptive"}
+    rows = {name: {"rate": [], "acceptance": [], "mean_k": [], "identical": 0} for name in configs}
+    tuning = DraftLength(4, adaptive=True)
+    timed_greedy(target, draft, prompts[0], 16, DraftLength(4, adaptive=False))  # warm-up
     for prompt in prompts:
         reference = None
-        for name, (k, adaptive) in configs.items():
-            result = decode(target, None if k is None else draft, prompt, new_tokens, k, adaptive)
-            reference = reference or result["tokens"]
-            rates[name].append(result["rate"])
-            identical[name] += result["tokens"] == reference
-            if result["acceptance"] is not None:
-                acceptance[name].append(result["acceptance"])
-    base = statistics.median(rates["target_only"])
+        for name, k in configs.items():
+            if k is None:
+                length = None
+            elif k == "adaptive":
+                length = tuning = tuning.fork()
+            else:
+                length = DraftLength(k, adaptive=False)
+            tokens, rate, stats = timed_greedy(
+                target, draft if length is not None else None, prompt, new_tokens, length
+            )
+            reference = reference or tokens
+            row = rows[name]
+            row["rate"].append(rate)
+            row["identical"] += tokens == reference
+            if stats.acceptance_rate is not None:
+                row["acceptance"].append(stats.acceptance_rate)
+                row["mean_k"].append(stats.proposed / stats.rounds)
+    base = statistics.median(rows["target_only"]["rate"])
     return {
         name: {
-            "tokens_per_s": statistics.median(rates[name]),
-            "speedup": statistics.median(rates[name]) / base,
-            "acceptance_rate": statistics.median(acceptance[name]) if acceptance[name] else None,
-            "identical_to_target_only": f"{identical[name]}/{len(prompts)}",
+            "tokens_per_s": statistics.median(row["rate"]),
+            "speedup": statistics.median(row["rate"]) / base,
+            "acceptance_rate": statistics.median(row["acceptance"]) if row["acceptance"] else None,
+            "mean_k": statistics.median(row["mean_k"]) if row["mean_k"] else None,
+            "identical_to_target_only": f"{row['identical']}/{len(prompts)}",
         }
-        for name in configs
+        for name, row in rows.items()
     }
 
 
@@ -113,12 +113,93 @@ def assisted_generation(target_path: Path, draft_path: Path, prompts: list[list[
     }
 
 
-def llama_server_baseline() -> dict:
-    """llama-server with -md needs the llama.cpp binaries; report why it was not run when they are absent."""
-    binary = shutil.which("llama-server")
+def llama_server_binary() -> Path | None:
+    """$SLIMLINE_LLAMA_SERVER, llama-server on PATH, or the one scripts/build_llama_server.sh built."""
+    import llama_cpp
+
+    from slimline.quantize.gguf_converter import converter_home
+
+    for candidate in (
+        os.environ.get("SLIMLINE_LLAMA_SERVER"),
+        shutil.which("llama-server"),
+        converter_home(llama_cpp.__version__) / "bin" / "llama-server",
+    ):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def gguf_pair(stages: Path, folder: Path) -> tuple[Path, Path]:
+    """The serving pair's PyTorch target and draft as f16 GGUF files (converted once, kept in the run folder)."""
+    from slimline.quantize.gguf_converter import convert, declared_pre_tokenizer, find_converter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for stage in ("tuned", "draft"):
+        key = read_artifact(stages / stage).key[:12]  # a rebuilt stage gets a new file
+        outfile = folder / f"{stage}-{key}.f16.gguf"
+        if not outfile.exists():
+            partial = folder / f"{stage}-{key}.partial.gguf"
+            model = stages / stage
+            convert(find_converter(), model, partial, "f16", declared_pre_tokenizer(model))
+            partial.rename(outfile)
+        files.append(outfile)
+    return files[0], files[1]
+
+
+def llama_server_completions(binary: Path, arguments: list[str], prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy completions of ``prompts`` from one llama-server process; its own timings per request."""
+    import httpx2
+
+    port = free_port()
+    command = [str(binary), "--host", "127.0.0.1", "--port", str(port), "-t", str(torch.get_num_threads())]
+    command += ["-c", "512", "--parallel", "1", "--no-webui", *arguments]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, server)
+        request = {"n_predict": new_tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": False}
+        request["return_tokens"] = True
+        httpx2.post(f"{url}/completion", json={**request, "prompt": prompts[0], "n_predict": 16}, timeout=120)
+        rates, tokens, drafted, accepted = [], [], 0, 0
+        for prompt in prompts:
+            answer = httpx2.post(f"{url}/completion", json={**request, "prompt": prompt}, timeout=300).json()
+            timings = answer["timings"]
+            rates.append(timings["predicted_per_second"])
+            tokens.append(answer["tokens"][:new_tokens])
+            drafted += timings.get("draft_n", 0)
+            accepted += timings.get("draft_n_accepted", 0)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return {"rates": rates, "tokens": tokens, "acceptance_rate": accepted / drafted if drafted else None}
+
+
+def llama_server_baseline(stages: Path, prompts: list[list[int]], new_tokens: int) -> dict:
+    """llama-server on the same pair as GGUF: target-only vs ``-md`` draft, greedy, its own decode timings."""
+    binary = llama_server_binary()
     if binary is None:
-        return {"skipped": "llama-server is not on PATH (llama-cpp-python ships the library, not the server binary)"}
-    return {"skipped": f"found {binary}, but GGUF target/draft files are not produced by pipelines/serving.yaml"}
+        return {
+            "skipped": "no llama-server binary (llama-cpp-python ships the library only): "
+            "run scripts/build_llama_server.sh or set SLIMLINE_LLAMA_SERVER"
+        }
+    target, draft = gguf_pair(stages, stages.parent / "llama-server")
+    plain = llama_server_completions(binary, ["-m", str(target)], prompts, new_tokens)
+    # without --spec-type draft-simple, llama-server loads the draft and never uses it
+    speculative_arguments = ["-m", str(target), "-md", str(draft), "--spec-type", "draft-simple"]
+    speculative = llama_server_completions(binary, speculative_arguments, prompts, new_tokens)
+    plain_rate, speculative_rate = statistics.median(plain["rates"]), statistics.median(speculative["rates"])
+    identical = sum(a == b for a, b in zip(plain["tokens"], speculative["tokens"], strict=True))
+    return {
+        "binary": str(binary),
+        "models": f"{target.name}, {draft.name}",
+        "target_only_tokens_per_s": plain_rate,
+        "speculative_tokens_per_s": speculative_rate,
+        "speculative_speedup": speculative_rate / plain_rate,
+        "acceptance_rate": speculative["acceptance_rate"],
+        "identical_to_its_target_only": f"{identical}/{len(prompts)}",
+        "note": "tokens/s is llama-server's own predicted_per_second (decode only), medians over the prompts",
+    }
 
 
 def free_port() -> int:
@@ -264,13 +345,14 @@ def markdown(result: dict) -> str:
             "",
         ]
         lines += [
-            "| decoding | tokens/s | speedup | acceptance | identical to target-only |",
-            "| --- | --- | --- | --- | --- |",
+            "| decoding | tokens/s | speedup | acceptance | mean k | identical to target-only |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for name, row in table.items():
             acceptance = "-" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
+            mean_k = "-" if row.get("mean_k") is None else f"{row['mean_k']:.2f}"
             lines.append(
-                f"| {name} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | {acceptance} | {row['identical_to_target_only']} |"
+                f"| {name} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | {acceptance} | {mean_k} | {row['identical_to_target_only']} |"
             )
     lines += [
         "",
@@ -355,6 +437,8 @@ def main() -> None:
         del target, draft
     print("transformers assisted generation ...", flush=True)
     assisted = assisted_generation(stages / "tuned", stages / "draft", prompts, args.new_tokens)
+    print("llama-server baseline ...", flush=True)
+    llama_server = llama_server_baseline(stages, prompts, args.new_tokens)
     print(f"load run: {args.clients} clients for {args.load_seconds:.0f} s ...", flush=True)
     text_prompts = [tokenizer.decode(p) for p in prompts]
     load = load_run(stages / "target-onnx", stages / "draft-onnx", text_prompts, args.clients, args.load_seconds, 48)
@@ -366,7 +450,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "sweep": sweeps,
         "assisted": assisted,
-        "llama_server": llama_server_baseline(),
+        "llama_server": llama_server,
         "load": load,
     }
     result["checks"] = checks(result)

@@ -131,6 +131,7 @@ class Job:
     text: TextStream
     stats: DecodeStats
     started: float
+    draft_length: DraftLength | None = None
     first_token: float | None = None
     generated: int = 0
 
@@ -150,6 +151,8 @@ class Engine:
     ) -> None:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.k, self.adaptive = k, adaptive
+        # What finished requests learnt about the pair (acceptance, costs): each new request starts from it.
+        self.draft_tuning = DraftLength(k, adaptive)
         self.max_active, self.max_queued = max_active, max_queued
         self.eos_ids = eos_token_ids(tokenizer)
         self.waiting: deque[RequestHandle] = deque()
@@ -230,16 +233,17 @@ class Engine:
         request = handle.request
         draft = self.draft if request.speculative else None
         stats = DecodeStats()
+        draft_length = self.draft_tuning.fork() if draft is not None else None
         rounds = generate_tokens(
             self.target,
             draft,
             request.prompt_ids,
             request.sampling,
-            DraftLength(self.k, self.adaptive) if draft is not None else None,
+            draft_length,
             seeded_generator(request.seed),
             stats,
         )
-        return Job(handle, rounds, TextStream(self.tokenizer, request.stop), stats, time.perf_counter())
+        return Job(handle, rounds, TextStream(self.tokenizer, request.stop), stats, time.perf_counter(), draft_length)
 
     def _advance(self, job: Job) -> bool:
         """One decoding round for one request; True when the request is finished."""
@@ -293,6 +297,8 @@ class Engine:
         with self.lock:
             self.totals.proposed += stats.proposed
             self.totals.accepted += stats.accepted
+            if job.draft_length is not None and stats.target_calls:
+                self.draft_tuning = job.draft_length
         job.rounds.close()
         job.handle.emit(Event(piece, token_ids or [], reason, usage))
         return True

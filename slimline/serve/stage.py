@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -96,31 +95,21 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
 def measure_pair(target_path: Path, draft_path: Path, stream: torch.Tensor, params: Params) -> dict:
     """Target-only and speculative greedy decoding of the same prompts: rates, acceptance, exactness."""
     from slimline.serve.models import load_language_model
-    from slimline.serve.sampling import SamplingParams
-    from slimline.serve.speculative import DecodeStats, DraftLength, generate_tokens
+    from slimline.serve.speculative import DraftLength, timed_greedy
 
     target, draft = load_language_model(target_path), load_language_model(draft_path)
     step = max(1, (stream.numel() - 64) // params.check_prompts)
     prompts = [stream[i * step : i * step + 64].tolist() for i in range(params.check_prompts)]
     plain_rates, speculative_rates, acceptance, identical = [], [], [], 0
+    tuning = DraftLength(params.k, params.adaptive)
     for prompt in prompts:
-        outputs = {}
-        for mode in ("plain", "speculative"):
-            stats = DecodeStats()
-            use_draft = draft if mode == "speculative" else None
-            length = DraftLength(params.k, params.adaptive) if use_draft else None
-            started = time.perf_counter()
-            tokens: list[int] = []
-            for new in generate_tokens(target, use_draft, prompt, SamplingParams(), length, torch.Generator(), stats):
-                tokens += new
-                if len(tokens) >= params.check_new_tokens:
-                    break
-            rate = params.check_new_tokens / (time.perf_counter() - started)
-            outputs[mode] = tokens[: params.check_new_tokens]
-            (plain_rates if mode == "plain" else speculative_rates).append(rate)
-            if mode == "speculative":
-                acceptance.append(stats.acceptance_rate or 0.0)
-        identical += outputs["plain"] == outputs["speculative"]
+        plain_tokens, rate, _ = timed_greedy(target, None, prompt, params.check_new_tokens, None)
+        plain_rates.append(rate)
+        tuning = tuning.fork()  # each prompt starts from what the previous ones measured, as in the server
+        speculative_tokens, rate, stats = timed_greedy(target, draft, prompt, params.check_new_tokens, tuning)
+        speculative_rates.append(rate)
+        acceptance.append(stats.acceptance_rate or 0.0)
+        identical += plain_tokens == speculative_tokens
     plain, speculative = statistics.median(plain_rates), statistics.median(speculative_rates)
     log.info("serve: target-only %.1f tok/s, speculative %.1f tok/s (%.2fx)", plain, speculative, speculative / plain)
     return {

@@ -10,7 +10,14 @@ import torch
 
 from slimline.serve.models import LanguageModel, Sequence, TorchModel
 from slimline.serve.sampling import SamplingParams, distribution
-from slimline.serve.speculative import DecodeStats, DraftLength, expected_tokens_per_round, generate_tokens
+from slimline.serve.speculative import (
+    DecodeStats,
+    DraftLength,
+    Round,
+    expected_tokens_per_round,
+    generate_tokens,
+    record_round,
+)
 from tests.conftest import build_tiny_model
 
 pytestmark = pytest.mark.unit
@@ -144,17 +151,47 @@ def test_warping_applies_top_k_and_top_p() -> None:
     )
 
 
-def test_adaptive_draft_length_follows_acceptance() -> None:
+def run_rounds(length: DraftLength, rounds: int, acceptance: float, draft_step: float) -> list[int]:
+    """Feed a controller rounds with a fixed per-proposal acceptance; passes cost 1 s + 0.05 s per token."""
+    chosen = []
+    for _ in range(rounds):
+        k = length.k
+        chosen.append(k)
+        accepted = min(k, round(acceptance * k)) if acceptance < 1 else k
+        length.update(k, accepted, draft_step, 1.0 + 0.05 * (k + 1))
+    return chosen
+
+
+def test_adaptive_draft_length_follows_acceptance_and_cost() -> None:
     good = DraftLength(4, adaptive=True)
-    for _ in range(30):
-        good.update(good.k, good.k, draft_step_seconds=0.1, target_call_seconds=1.0)
+    run_rounds(good, 30, acceptance=1.0, draft_step=0.05)
+    assert good.k > 4  # every proposal accepted and drafting is cheap: propose more
+    assert 0.9 < good.acceptance <= 0.99
+    # a pass over more tokens was measured to cost more, and the line through the lengths seen says so
+    assert good.pass_cost(9) > good.pass_cost(2)
     poor = DraftLength(4, adaptive=True)
-    for _ in range(30):
-        poor.update(poor.k, 0, draft_step_seconds=0.1, target_call_seconds=1.0)
-    assert good.k > 4 and poor.k == 1
+    chosen = run_rounds(poor, 40, acceptance=0.0, draft_step=0.3)
+    assert poor.acceptance < 0.3 and 0 in chosen  # a draft that never agrees is switched off ...
+    assert chosen[-20:].count(1) >= 1  # ... and probed now and then
+    assert poor.tokens_per_second(0) > poor.tokens_per_second(4)
+    carried = good.fork()
+    assert carried.acceptance == good.acceptance and carried.k == good.k and carried.pass_seconds == good.pass_seconds
     fixed = DraftLength(3, adaptive=False)
     fixed.update(3, 0, 0.1, 1.0)
     assert fixed.k == 3
+
+
+def test_catch_up_calls_do_not_count_as_round_costs() -> None:
+    """A round that also fed a prompt (or tokens skipped while the draft was off) is slower, not typical."""
+    length, stats = DraftLength(4, adaptive=True), DecodeStats()
+    logits = torch.zeros(5, 8)
+    prefill = Round([1, 2, 3, 4], 2, 5, logits, draft_seconds=0.4, target_seconds=3.0, draft_fed=64, target_fed=68)
+    record_round(stats, length, prefill)
+    assert length.draft_step_seconds is None and length.pass_seconds == {}
+    assert stats.proposed == 4 and stats.accepted == 2  # the outcome still counts
+    steady = Round([1, 2, 3, 4], 4, 5, logits, draft_seconds=0.04, target_seconds=0.5, draft_fed=2, target_fed=5)
+    record_round(stats, length, steady)
+    assert length.draft_step_seconds == 0.01 and length.pass_seconds == {5: 0.5}
     assert expected_tokens_per_round(0.0, 5) == 1.0 and expected_tokens_per_round(1.0, 5) == 6.0
 
 

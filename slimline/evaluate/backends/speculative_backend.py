@@ -9,7 +9,6 @@ So decode tokens/s is the pair's real greedy throughput, and per-token p95 shows
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -17,7 +16,9 @@ import torch
 from slimline.evaluate.backends.base import Backend
 from slimline.serve.models import load_language_model
 from slimline.serve.sampling import SamplingParams
-from slimline.serve.speculative import DraftLength, propose
+from slimline.serve.speculative import DecodeStats, DraftLength, record_round, speculative_round
+
+GREEDY = SamplingParams()
 
 
 class SpeculativeBackend(Backend):
@@ -33,13 +34,14 @@ class SpeculativeBackend(Backend):
         self.target = load_language_model(Path(bundle["target"]))
         self.draft = load_language_model(Path(bundle["draft"]))
         self.name = f"speculative ({self.target.backend})"
-        self.k, self.adaptive = bundle["k"], bundle["adaptive"]
+        self.draft_length = DraftLength(bundle["k"], bundle["adaptive"])
         self._start([])
 
     def _start(self, tokens: list[int]) -> None:
         self.target_sequence = self.target.new_sequence()
         self.draft_sequence = self.draft.new_sequence()
-        self.draft_length = DraftLength(self.k, self.adaptive)
+        self.draft_length = self.draft_length.fork()  # what the last sequence learnt about the pair
+        self.stats = DecodeStats()
         self.tokens = list(tokens)
         self.verified: list[tuple[int, torch.Tensor]] = []  # (accepted draft token, target logits after it)
 
@@ -61,20 +63,13 @@ class SpeculativeBackend(Backend):
         self.target_sequence.truncate(min(self.target_sequence.length, len(self.tokens) - 1))
         self.draft_sequence.truncate(min(self.draft_sequence.length, len(self.tokens) - 1))
         room = self.target.context_length - len(self.tokens)
-        k = min(self.draft_length.k, room - 1)
-        if k <= 0:
-            return self.target_sequence.extend(self.tokens[self.target_sequence.length :])[-1]
-        started = time.perf_counter()
-        drafts, _ = propose(self.draft_sequence, self.tokens, k, SamplingParams(), torch.Generator())
-        drafted = time.perf_counter()
-        rows = self.target_sequence.extend(self.tokens[self.target_sequence.length :] + drafts)[-(k + 1) :]
-        verified = time.perf_counter()
-        accepted = 0
-        while accepted < k and drafts[accepted] == int(rows[accepted].argmax()):
-            accepted += 1
-        self.verified = [(drafts[i], rows[i + 1]) for i in range(accepted)]
-        self.draft_length.update(k, accepted, (drafted - started) / k, verified - drafted)
-        return rows[0]
+        k = max(0, min(self.draft_length.k, room - 1))
+        outcome = speculative_round(
+            self.target_sequence, self.draft_sequence, self.tokens, k, GREEDY, torch.Generator()
+        )
+        self.verified = [(outcome.drafts[i], outcome.target_logits[i + 1]) for i in range(outcome.accepted)]
+        record_round(self.stats, self.draft_length, outcome)
+        return outcome.target_logits[0]
 
     def close(self) -> None:
         """Drop both models."""
