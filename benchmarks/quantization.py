@@ -31,7 +31,7 @@ from slimline.artifacts import read_artifact
 from slimline.config import load_pipeline
 from slimline.data import load_texts, tokenize_stream
 from slimline.errors import ConfigError
-from slimline.evaluate.accuracy import token_windows
+from slimline.evaluate.accuracy import token_windows, window_statistics
 from slimline.evaluate.backends import open_backend
 from slimline.models import load_tokenizer
 from slimline.runner import Runner
@@ -101,10 +101,7 @@ def window_losses(folder: Path, windows: list[torch.Tensor]) -> torch.Tensor:
     backend = open_backend(read_artifact(folder))
     try:
         return torch.tensor(
-            [
-                float(torch.nn.functional.cross_entropy(backend.logits(w[:-1]).double(), w[1:], reduction="mean"))
-                for w in windows
-            ],
+            [window_statistics(backend.logits(w[:-1]), w[1:], None)["loss"] / (w.numel() - 1) for w in windows],
             dtype=torch.float64,
         )
     finally:

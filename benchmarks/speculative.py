@@ -154,10 +154,12 @@ def llama_server_completions(binary: Path, arguments: list[str], prompts: list[l
     port = free_port()
     command = [str(binary), "--host", "127.0.0.1", "--port", str(port), "-t", str(torch.get_num_threads())]
     command += ["-c", "512", "--parallel", "1", "--no-webui", *arguments]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = binary.parent / "llama-server.log"  # a file, not a pipe: a full pipe would stall its logging
+    with log.open("w") as log_file:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(url, server)
+        wait_until_up(url, server, log=log)
         request = {"n_predict": new_tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": False}
         request["return_tokens"] = True
         httpx2.post(f"{url}/completion", json={**request, "prompt": prompts[0], "n_predict": 16}, timeout=120)
@@ -305,14 +307,15 @@ def load_run(target: Path, draft: Path, prompts: list[str], clients: int, second
     }
 
 
-def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
-    """Poll /health until the server answers."""
+def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 120, log: Path | None = None) -> None:
+    """Poll /health until the server answers; if it exits, show its stderr (or the end of its ``log``)."""
     import httpx2
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"the server exited: {server.stderr.read()}")
+            output = log.read_text()[-2000:] if log else server.stderr.read()
+            raise SystemExit(f"the server exited: {output}")
         try:
             if httpx2.get(f"{url}/health", timeout=2).status_code == 200:
                 return

@@ -150,7 +150,6 @@ class Engine:
         max_queued: int = 256,
     ) -> None:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
-        self.k, self.adaptive = k, adaptive
         # What finished requests learnt about the pair (acceptance, costs): each new request starts from it.
         self.draft_tuning = DraftLength(k, adaptive)
         self.max_active, self.max_queued = max_active, max_queued
