@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import transformers
 from slimline.config import load_pipeline
 from slimline.evaluate.backends import open_backend
 from slimline.evaluate.latency import time_one_decode
+from slimline.hardware import machine_description
+from slimline.reports.tables import Column, cell, checks_table, keyed, markdown_table
 from slimline.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,31 +97,33 @@ def checks(table: dict) -> dict:
     return result
 
 
+ARTIFACT_COLUMNS = (
+    keyed("artifact", "stage"),
+    keyed("backend", "backend"),
+    keyed("perplexity", "perplexity", ".3f"),
+    keyed("vs F16 GGUF", "perplexity_vs_f16", "+.2%"),
+    keyed("KL vs input", "kl_vs_input", ".5f"),
+    keyed("top-1 agreement", "top1_agreement_with_input", ".4f"),
+    keyed("decode tok/s (report)", "decode_tokens_per_s_report", ".1f"),
+    keyed("decode tok/s (interleaved)", "decode_tokens_per_s_interleaved", ".1f"),
+    keyed("size MB", "size_mb", ".1f"),
+    Column(
+        "bits/weight",
+        lambda row: cell(row["bits_per_weight"], ".2f") if row["bits_per_weight"] else "16 (fp16 safetensors)",
+    ),
+)
+
+
 def markdown(result: dict) -> str:
     """The benchmark as Markdown."""
     lines = ["# GGUF types of the built-in example model through llama.cpp", "", f"Machine: {result['machine']}.", ""]
     lines += [f"Command: `{result['command']}`; {result['seconds']:.0f} s in all. {result['converter']}", ""]
     before, after = result["load_average_1_5_15_before_and_after"]
     lines += [f"Load average (1 min) before and after: {before[0]:.2f}, {after[0]:.2f}.", ""]
-    lines += ["| check | figures | pass |", "| --- | --- | --- |"]
-    for name, check in result["checks"].items():
-        figures = ", ".join(f"{k} {v:.4g}" for k, v in check.items() if k != "pass")
-        lines.append(f"| {name} | {figures} | {'yes' if check['pass'] else 'NO'} |")
+    lines += checks_table(result["checks"])
     lines += ["", "Same held-out tokens for every artifact (8192 predictions, windows of 256); decode tok/s from the"]
     lines += ["runner's report and from the interleaved timing in one process (medians):", ""]
-    lines += [
-        "| artifact | backend | perplexity | vs F16 GGUF | KL vs input | top-1 agreement | decode tok/s (report) "
-        "| decode tok/s (interleaved) | size MB | bits/weight |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for stage, row in result["table"].items():
-        bits = f"{row['bits_per_weight']:.2f}" if row["bits_per_weight"] else "16 (fp16 safetensors)"
-        lines.append(
-            f"| {stage} | {row['backend']} | {row['perplexity']:.3f} | {row['perplexity_vs_f16']:+.2%} | "
-            f"{row['kl_vs_input']:.5f} | {row['top1_agreement_with_input']:.4f} | "
-            f"{row['decode_tokens_per_s_report']:.1f} | {row['decode_tokens_per_s_interleaved']:.1f} | "
-            f"{row['size_mb']:.1f} | {bits} |"
-        )
+    lines += markdown_table(ARTIFACT_COLUMNS, [{"stage": stage, **row} for stage, row in result["table"].items()])
     return "\n".join(lines) + "\n"
 
 
@@ -147,8 +150,7 @@ def main() -> None:
     table = rows(reports, metrics, speed)
     converter = metrics["f16"]["converter"]
     result = {
-        "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": machine_description(),
         "command": "python benchmarks/gguf_types.py",
         "converter": f"Converter: llama-cpp-python {converter['llama_cpp_python']}, llama.cpp "
         f"{converter['llama_cpp_commit'][:12]}.",

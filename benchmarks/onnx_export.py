@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +30,9 @@ from slimline.config import load_pipeline
 from slimline.evaluate.backends import open_backend
 from slimline.evaluate.latency import time_one_decode
 from slimline.export.onnx import greedy_torch
+from slimline.hardware import machine_description
 from slimline.models import load_causal_lm
+from slimline.reports.tables import Column, cell, checks_table, keyed, markdown_table
 from slimline.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,33 +129,43 @@ def checks(reports: dict, greedy: dict, speed: dict) -> dict:
     }
 
 
+SPEED_COLUMNS = (
+    keyed("artifact", "stage"),
+    keyed("decode tok/s", "decode_tokens_per_s", ".1f"),
+    keyed("forward 256 tokens ms", "forward_256_ms", ".1f"),
+)
+
+
+def report_column(header: str, figure, spec: str) -> Column[dict]:
+    """A figure of a stage's report; blank for a stage that has none (skipped)."""
+    return Column(header, lambda row: cell(figure(row["report"]), spec) if row["report"] else "")
+
+
+STAGE_COLUMNS = (
+    keyed("stage", "stage"),
+    Column("status", lambda row: row["status"] if row["report"] else f"{row['status']}: {row['reason']}"),
+    report_column("backend", lambda report: report["backend"], ""),
+    report_column("perplexity", lambda report: report["metrics"]["accuracy"]["perplexity"], ".3f"),
+    report_column("KL vs input", lambda report: report["metrics"]["accuracy"]["kl_vs_input"], ".5f"),
+    report_column("top-1 agreement", lambda report: report["metrics"]["accuracy"]["top1_agreement_with_input"], ".4f"),
+    report_column("decode tok/s", lambda report: report["metrics"]["latency"]["decode_tokens_per_s"], ".1f"),
+    report_column("size MB", lambda report: report["metrics"]["size_mb"], ".1f"),
+)
+
+
 def markdown(result: dict) -> str:
     """The benchmark as Markdown."""
     lines = ["# ONNX export of the built-in example model", "", f"Machine: {result['machine']}.", ""]
     lines += [f"Command: `{result['command']}`; {result['seconds']:.0f} s in all.", ""]
-    lines += ["| check | figures | pass |", "| --- | --- | --- |"]
-    for name, check in result["checks"].items():
-        figures = ", ".join(f"{k} {v:.4g}" for k, v in check.items() if k != "pass")
-        lines.append(f"| {name} | {figures} | {'yes' if check['pass'] else 'NO'} |")
+    lines += checks_table(result["checks"])
     lines += ["", "Interleaved timing in one process (medians):", ""]
-    lines += ["| artifact | decode tok/s | forward 256 tokens ms |", "| --- | --- | --- |"]
-    for stage, figures in result["interleaved_speed"].items():
-        lines.append(f"| {stage} | {figures['decode_tokens_per_s']:.1f} | {figures['forward_256_ms']:.1f} |")
+    speed = [{"stage": stage, **figures} for stage, figures in result["interleaved_speed"].items()]
+    lines += markdown_table(SPEED_COLUMNS, speed)
     lines += ["", "The runner's reports (same held-out tokens for all):", ""]
-    lines += [
-        "| stage | status | backend | perplexity | KL vs input | top-1 agreement | decode tok/s | size MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    stages = [
+        {"stage": stage, **row, "report": result["reports"].get(stage)} for stage, row in result["stages"].items()
     ]
-    for stage, row in result["stages"].items():
-        report = result["reports"].get(stage)
-        if not report:
-            lines.append(f"| {stage} | {row['status']}: {row['reason']} | | | | | | |")
-            continue
-        a, lat = report["metrics"]["accuracy"], report["metrics"]["latency"]
-        lines.append(
-            f"| {stage} | {row['status']} | {report['backend']} | {a['perplexity']:.3f} | {a['kl_vs_input']:.5f} | "
-            f"{a['top1_agreement_with_input']:.4f} | {lat['decode_tokens_per_s']:.1f} | {report['metrics']['size_mb']:.1f} |"
-        )
+    lines += markdown_table(STAGE_COLUMNS, stages)
     return "\n".join(lines) + "\n"
 
 
@@ -181,8 +192,7 @@ def main() -> None:
     greedy = greedy_check(artifacts, stream, args.prompts, 32)
     speed = interleaved_speed(artifacts, stream, args.repeats)
     result = {
-        "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": machine_description(),
         "command": "python benchmarks/onnx_export.py",
         "seconds": round(time.perf_counter() - started, 1),
         "checks": checks(reports, greedy, speed),

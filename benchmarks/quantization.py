@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +32,9 @@ from slimline.data import load_texts, tokenize_stream
 from slimline.errors import ConfigError
 from slimline.evaluate.accuracy import token_windows, window_statistics
 from slimline.evaluate.backends import open_backend
+from slimline.hardware import machine_description
 from slimline.models import load_tokenizer
+from slimline.reports.tables import Column, cell, figures, keyed, markdown_table
 from slimline.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +206,62 @@ def verdict(value: bool | None) -> str:
     return {True: "PASS", False: "FAIL", None: "NOT RUN"}[value]
 
 
+def figure(header: str, section: str, name: str, spec: str) -> Column[dict]:
+    """A column of one accuracy or latency figure of an artifact row (its report under ``report``)."""
+    return Column(header, lambda row: cell(row["report"]["metrics"][section][name], spec))
+
+
+def delta(header: str, name: str, spec: str, suffix: str = "") -> Column[dict]:
+    """A column of one change against the fp32 input; '-' for the input itself."""
+    return Column(header, lambda row: cell(row["report"].get("deltas", {}).get("input", {}).get(name), spec, suffix))
+
+
+ARTIFACT_COLUMNS = (
+    keyed("stage", "stage"),
+    keyed("status", "status"),
+    Column("kind", lambda row: cell(row["report"]["kind"])),
+    Column("format", lambda row: cell(row["report"]["format"])),
+    figure("perplexity", "accuracy", "perplexity", ".3f"),
+    delta("ppl change", "perplexity_change", "+.2%"),
+    figure("KL vs input", "accuracy", "kl_vs_input", ".5f"),
+    figure("top-1", "accuracy", "top1_accuracy", ".4f"),
+    figure("agreement", "accuracy", "top1_agreement_with_input", ".4f"),
+    figure("decode tok/s", "latency", "decode_tokens_per_s", ".1f"),
+    delta("decode speedup", "decode_speedup", ".2f", "x"),
+    figure("prefill ms", "latency", "prefill_ms", ".1f"),
+    Column("size MB", lambda row: cell(row["report"]["metrics"]["size_mb"], ".1f")),
+    Column("stage s", lambda row: cell(row["report"].get("stage_seconds", 0), ".0f")),
+)
+PAIRED_COLUMNS = (
+    keyed("grid", "label"),
+    keyed("GPTQ ppl", "first_perplexity", ".3f"),
+    keyed("RTN ppl", "second_perplexity", ".3f"),
+    keyed("ratio", "perplexity_ratio", ".5f"),
+    Column("95% interval", lambda row: "[{}, {}]".format(*(cell(v, ".5f") for v in row["ratio_95_interval"]))),
+    Column("windows GPTQ better", lambda row: f"{row['first_better_windows']}/{row['windows']}"),
+    Column(
+        "8192-token ppl GPTQ / RTN",
+        lambda row: (
+            f"{cell(accuracy(row['first_report'], 'perplexity'), '.3f')} / "
+            f"{cell(accuracy(row['second_report'], 'perplexity'), '.3f')}"
+        ),
+    ),
+    Column(
+        "KL GPTQ / RTN",
+        lambda row: (
+            f"{cell(accuracy(row['first_report'], 'kl_vs_input'), '.5f')} / "
+            f"{cell(accuracy(row['second_report'], 'kl_vs_input'), '.5f')}"
+        ),
+    ),
+)
+REFUSAL_COLUMNS = (
+    keyed("kind", "kind"),
+    Column("params", lambda row: f"`{row['params']}`"),
+    keyed("refused", "refused"),
+    Column("message", lambda row: row["message"].replace("|", "/")),
+)
+
+
 def markdown(result: dict) -> str:
     """The benchmark as Markdown."""
     lines = ["# Quantization stages on the built-in example model", "", f"Machine: {result['machine']}.", ""]
@@ -214,28 +271,18 @@ def markdown(result: dict) -> str:
     ]
     lines += ["## Acceptance checks", ""]
     for name, check in result["checks"].items():
-        figures = ", ".join(
-            f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in check.items() if k != "pass"
-        )
-        lines.append(f"- **{verdict(check['pass'])}** {name}: {figures}")
+        lines.append(f"- **{verdict(check['pass'])}** {name}: {figures(check, '.6g')}")
     lines += ["", "## Every artifact (same eval tokens, same PyTorch backend; deltas vs the fp32 input)", ""]
     lines += [
         "Stages marked `reused` were produced (and evaluated) by an earlier invocation into the same run folder with "
         "identical keys; `stage s` is the time the stage took when it ran.",
         "",
-        "| stage | status | kind | format | perplexity | ppl change | KL vs input | top-1 | agreement | decode tok/s | decode speedup | prefill ms | size MB | stage s |",
     ]
-    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for stage, report in result["reports"].items():
-        m, d = report["metrics"], report.get("deltas", {}).get("input", {})
-        a, lat = m["accuracy"], m["latency"]
-        change = f"{100 * d['perplexity_change']:+.2f}%" if d else "-"
-        speedup = f"{d['decode_speedup']:.2f}x" if d else "-"
-        lines.append(
-            f"| {stage} | {result['statuses'][stage]} | {report['kind']} | {report['format']} | {a['perplexity']:.3f} | {change} | {a['kl_vs_input']:.5f} | "
-            f"{a['top1_accuracy']:.4f} | {a['top1_agreement_with_input']:.4f} | {lat['decode_tokens_per_s']:.1f} | {speedup} | "
-            f"{lat['prefill_ms']:.1f} | {m['size_mb']:.1f} | {report.get('stage_seconds', 0):.0f} |"
-        )
+    artifacts = [
+        {"stage": stage, "status": result["statuses"][stage], "report": report}
+        for stage, report in result["reports"].items()
+    ]
+    lines += markdown_table(ARTIFACT_COLUMNS, artifacts)
     lines += ["", f"## GPTQ against round-to-nearest, paired on {PAIRED_TOKENS} held-out tokens", ""]
     lines += [
         "The pipeline scores 8192 tokens; perplexity differences of a few hundredths of a percent are "
@@ -248,22 +295,19 @@ def markdown(result: dict) -> str:
         "smaller than what the choice of eval tokens moves; KL to the input (pipeline tokens) puts GPTQ "
         "closer at every grid.",
         "",
-        "| grid | GPTQ ppl | RTN ppl | ratio | 95% interval | windows GPTQ better | 8192-token ppl GPTQ / RTN | KL GPTQ / RTN |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, pair in result["paired"].items():
-        low, high = pair["ratio_95_interval"]
-        first, second = result["reports"][pair["first"]], result["reports"][pair["second"]]
-        lines.append(
-            f"| {label} | {pair['first_perplexity']:.3f} | {pair['second_perplexity']:.3f} | "
-            f"{pair['perplexity_ratio']:.5f} | [{low:.5f}, {high:.5f}] | {pair['first_better_windows']}/{pair['windows']} | "
-            f"{accuracy(first, 'perplexity'):.3f} / {accuracy(second, 'perplexity'):.3f} | "
-            f"{accuracy(first, 'kl_vs_input'):.5f} / {accuracy(second, 'kl_vs_input'):.5f} |"
-        )
-    lines += ["", "## Refusals (validated, before any work)", "", "| kind | params | refused | message |"]
-    lines += ["| --- | --- | --- | --- |"]
-    for row in result["refusals"]:
-        lines.append(f"| {row['kind']} | `{row['params']}` | {row['refused']} | {row['message'].replace('|', '/')} |")
+    pairs = [
+        {
+            "label": label,
+            **pair,
+            "first_report": result["reports"][pair["first"]],
+            "second_report": result["reports"][pair["second"]],
+        }
+        for label, pair in result["paired"].items()
+    ]
+    lines += markdown_table(PAIRED_COLUMNS, pairs)
+    lines += ["", "## Refusals (validated, before any work)", ""]
+    lines += markdown_table(REFUSAL_COLUMNS, result["refusals"])
     return "\n".join(lines) + "\n"
 
 
@@ -284,8 +328,7 @@ def main() -> None:
         paired = compare_gptq_with_rtn(run_dir)
         refusals = try_refusals(Path(folder))
     result = {
-        "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": machine_description(),
         "command": "python benchmarks/quantization.py",
         "pipeline": str(PIPELINE.relative_to(ROOT)),
         "seconds": round(time.perf_counter() - started, 1),

@@ -11,14 +11,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from slimline.hardware import machine_description
+from slimline.reports.rows import Row, rows_from_summary
+from slimline.reports.tables import Column, cell, markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
+COLUMNS: tuple[Column[Row], ...] = (
+    Column("stage", lambda r: r.stage),
+    Column("perplexity", lambda r: cell(r.perplexity, ".3f")),
+    Column("top-1", lambda r: cell(r.top1_accuracy, ".3f")),
+    Column("KL vs input", lambda r: cell(r.kl_vs_input, ".4f")),
+    Column("decode tok/s", lambda r: cell(r.decode_tokens_per_s, ".1f")),
+    Column("p95 ms", lambda r: cell(r.token_p95_ms, ".1f")),
+    Column("size MB", lambda r: cell(r.size_mb, ".1f")),
+    Column("peak MB", lambda r: cell(r.peak_memory_mb, ".0f")),
+)
 
 
 def timed_run(run_dir: Path) -> tuple[float, dict]:
@@ -48,16 +61,8 @@ def markdown(result: dict) -> str:
         f"- cold run: **{result['cold_seconds']:.1f} s** (statuses: {result['cold_statuses']})",
         f"- cached re-run: **{result['warm_seconds']:.1f} s** (statuses: {result['warm_statuses']})",
         "",
-        "| stage | perplexity | top-1 | KL vs input | decode tok/s | p95 ms | size MB | peak MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for row in result["stages"]:
-        a, lat = row["metrics"]["accuracy"], row["metrics"]["latency"]
-        lines.append(
-            f"| {row['stage']} | {a['perplexity']:.3f} | {a['top1_accuracy']:.3f} | {a['kl_vs_input']:.4f} | "
-            f"{lat['decode_tokens_per_s']:.1f} | {lat['token_p95_ms']:.1f} | {row['metrics']['size_mb']:.1f} | "
-            f"{lat['peak_memory_mb'] if lat['peak_memory_mb'] is None else round(lat['peak_memory_mb'])} |"
-        )
+    lines += markdown_table(COLUMNS, rows_from_summary({"stages": result["stages"]}))
     return "\n".join(lines) + "\n"
 
 
@@ -71,7 +76,7 @@ def main() -> None:
         cold_seconds, cold = timed_run(run_dir)
         warm_seconds, warm = timed_run(run_dir)
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}",
+        "machine": machine_description(),
         "cold_seconds": round(cold_seconds, 2),
         "warm_seconds": round(warm_seconds, 2),
         "cold_statuses": {row["stage"]: row["status"] for row in cold["stages"]},

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -39,7 +38,10 @@ import transformers
 
 from slimline.artifacts import read_artifact
 from slimline.data import load_texts, tokenize_stream
+from slimline.evaluate.latency import percentile
+from slimline.hardware import machine_description
 from slimline.models import load_causal_lm, load_tokenizer
+from slimline.reports.tables import checks_table, keyed, markdown_table
 from slimline.serve.models import load_language_model
 from slimline.serve.speculative import DraftLength, timed_greedy
 
@@ -283,7 +285,6 @@ def load_run(target: Path, draft: Path, prompts: list[str], clients: int, second
     finally:
         server.terminate()
         server.wait(timeout=60)
-    ordered = sorted(latencies)
     return {
         "clients": clients,
         "seconds": seconds,
@@ -292,9 +293,9 @@ def load_run(target: Path, draft: Path, prompts: list[str], clients: int, second
         "error_samples": errors[:5],
         "crossed_outputs": crossed,
         "malformed_requests_refused_4xx": bad_ok,
-        "latency_p50_s": ordered[len(ordered) // 2] if ordered else None,
-        "latency_p95_s": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else None,
-        "time_to_first_token_p50_s": statistics.median(first_tokens) if first_tokens else None,
+        "latency_p50_s": percentile(latencies, 0.50) if latencies else None,
+        "latency_p95_s": percentile(latencies, 0.95) if latencies else None,
+        "time_to_first_token_p50_s": percentile(first_tokens, 0.50) if first_tokens else None,
         "server_health_after": health["status"],
         "acceptance_rate_metric": next(
             (
@@ -331,32 +332,28 @@ def held_out_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return [stream[i * step : i * step + length].tolist() for i in range(count)]
 
 
+SWEEP_COLUMNS = (
+    keyed("decoding", "decoding"),
+    keyed("tokens/s", "tokens_per_s", ".1f"),
+    keyed("speedup", "speedup", ".2f", "x"),
+    keyed("acceptance", "acceptance_rate", ".3f"),
+    keyed("mean k", "mean_k", ".2f"),
+    keyed("identical to target-only", "identical_to_target_only"),
+)
+
+
 def markdown(result: dict) -> str:
     """The benchmark as Markdown."""
     lines = ["# Speculative decoding on the example pair", "", f"Machine: {result['machine']}.", ""]
     lines += [f"Command: `{result['command']}`; {result['seconds']:.0f} s in all.", ""]
-    lines += ["| check | figures | pass |", "| --- | --- | --- |"]
-    for name, check in result["checks"].items():
-        figures = ", ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in check.items() if k != "pass"
-        )
-        lines.append(f"| {name} | {figures} | {'yes' if check['pass'] else 'NO'} |")
+    lines += checks_table(result["checks"])
     for backend, table in result["sweep"].items():
         lines += [
             "",
             f"Greedy, {backend} backend, medians over {result['prompts']} prompts x {result['new_tokens']} tokens:",
             "",
         ]
-        lines += [
-            "| decoding | tokens/s | speedup | acceptance | mean k | identical to target-only |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for name, row in table.items():
-            acceptance = "-" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
-            mean_k = "-" if row.get("mean_k") is None else f"{row['mean_k']:.2f}"
-            lines.append(
-                f"| {name} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | {acceptance} | {mean_k} | {row['identical_to_target_only']} |"
-            )
+        lines += markdown_table(SWEEP_COLUMNS, [{"decoding": name, **row} for name, row in table.items()])
     lines += [
         "",
         "transformers assisted generation (PyTorch):",
@@ -446,8 +443,7 @@ def main() -> None:
     text_prompts = [tokenizer.decode(p) for p in prompts]
     load = load_run(stages / "target-onnx", stages / "draft-onnx", text_prompts, args.clients, args.load_seconds, 48)
     result = {
-        "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": machine_description(),
         "command": "python benchmarks/speculative.py " + " ".join(sys.argv[1:]),
         "prompts": args.prompts,
         "new_tokens": args.new_tokens,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import transformers
 import yaml
 
 from slimline.config import load_pipeline
+from slimline.hardware import machine_description
+from slimline.reports.tables import Column, cell, checks_table, markdown_table
 from slimline.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,27 +127,35 @@ def checks(domain: dict[str, dict], stdlib: dict[str, dict]) -> dict[str, dict]:
     }
 
 
+def metric(header: str, section: str, name: str, spec: str) -> Column[tuple[str, str, dict]]:
+    """A column of one accuracy or latency figure of a (pipeline, stage, report) row."""
+    return Column(header, lambda row: cell(row[2]["metrics"][section][name], spec))
+
+
+REPORT_COLUMNS = (
+    Column("pipeline", lambda row: row[0]),
+    Column("stage", lambda row: row[1]),
+    metric("perplexity", "accuracy", "perplexity", ".3f"),
+    metric("top-1", "accuracy", "top1_accuracy", ".3f"),
+    metric("KL vs input", "accuracy", "kl_vs_input", ".4f"),
+    metric("agreement", "accuracy", "top1_agreement_with_input", ".3f"),
+    metric("decode tok/s", "latency", "decode_tokens_per_s", ".1f"),
+    Column("params", lambda row: cell(row[2]["metrics"]["parameters"])),
+    Column("size MB", lambda row: cell(row[2]["metrics"]["size_mb"], ".1f")),
+)
+
+
 def markdown(result: dict) -> str:
     """The benchmark as Markdown."""
     lines = ["# Training-side stages on the built-in example model", "", f"Machine: {result['machine']}.", ""]
     lines += [f"Command: `{result['command']}`; {result['seconds']:.0f} s in all.", ""]
-    lines += ["| check | figures | pass |", "| --- | --- | --- |"]
-    for name, check in result["checks"].items():
-        figures = ", ".join(f"{k} {v:.4g}" for k, v in check.items() if k != "pass")
-        lines.append(f"| {name} | {figures} | {'yes' if check['pass'] else 'NO'} |")
-    lines += [
-        "",
-        "| pipeline | stage | perplexity | top-1 | KL vs input | agreement | decode tok/s | params | size MB |",
+    lines += checks_table(result["checks"])
+    rows = [
+        (pipeline, stage, report)
+        for pipeline, reports in result["reports"].items()
+        for stage, report in reports.items()
     ]
-    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for pipeline, reports in result["reports"].items():
-        for stage, report in reports.items():
-            m = report["metrics"]
-            a, lat = m["accuracy"], m["latency"]
-            lines.append(
-                f"| {pipeline} | {stage} | {a['perplexity']:.3f} | {a['top1_accuracy']:.3f} | {a['kl_vs_input']:.4f} | "
-                f"{a['top1_agreement_with_input']:.3f} | {lat['decode_tokens_per_s']:.1f} | {m['parameters']} | {m['size_mb']:.1f} |"
-            )
+    lines += ["", *markdown_table(REPORT_COLUMNS, rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +174,7 @@ def main() -> None:
         domain = run_pipeline(domain_pipeline(lora_steps), Path(folder))
         stdlib = run_pipeline(stdlib_pipeline(distill_steps), Path(folder))
     result = {
-        "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
+        "machine": machine_description(),
         "command": "python benchmarks/training_stages.py" + (" --quick" if args.quick else ""),
         "seconds": round(time.perf_counter() - started, 1),
         "checks": checks(domain, stdlib),

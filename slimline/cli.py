@@ -258,44 +258,14 @@ def serve(
         fail(error)
 
 
-def cell(value: Any, spec: str) -> str:
-    """A table cell; '-' for missing values."""
-    return "-" if value is None else format(value, spec)
-
-
 def print_summary(summary: dict[str, Any]) -> None:
-    """The end-of-run table: one row per stage with its headline figures."""
-    table = Table(title=f"{summary['pipeline']}: {'ok' if summary['ok'] else 'FAILED'} in {summary['seconds']:.1f}s")
-    for column in (
-        "stage",
-        "kind",
-        "status",
-        "backend",
-        "ppl",
-        "top-1",
-        "KL",
-        "decode tok/s",
-        "speedup",
-        "size MB",
-        "note",
-    ):
-        table.add_column(column)
-    for row in summary["stages"]:
-        metrics, deltas = row["metrics"], row["deltas"].get("input", {})
-        accuracy, latency = metrics.get("accuracy", {}), metrics.get("latency", {})
-        table.add_row(
-            row["stage"],
-            row["kind"],
-            row["status"],
-            row["backend"] or "-",
-            cell(accuracy.get("perplexity"), ".3f"),
-            cell(accuracy.get("top1_accuracy"), ".3f"),
-            cell(accuracy.get("kl_vs_input"), ".4f"),
-            cell(latency.get("decode_tokens_per_s"), ".1f"),
-            cell(deltas.get("decode_speedup"), ".2f"),
-            cell(metrics.get("size_mb"), ".1f"),
-            row["reason"],
-        )
+    """The end-of-run table: report.md's headline columns over the same rows, one per stage."""
+    from slimline.reports.comparison import SUMMARY_COLUMNS
+    from slimline.reports.rows import rows_from_summary
+    from slimline.reports.tables import rich_table
+
+    title = f"{summary['pipeline']}: {'ok' if summary['ok'] else 'FAILED'} in {summary['seconds']:.1f}s"
+    table = rich_table(SUMMARY_COLUMNS, rows_from_summary(summary), title=title)
     # Wide enough for every column when the output is a file or a CI log.
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 

@@ -90,6 +90,19 @@ class EvaluateConfig(Strict):
     latency: LatencySettings = LatencySettings()
 
 
+class OutputCheckConfig(Strict):
+    """The check of a stage's output against its parent before publishing (see evaluate/output_check.py)."""
+
+    enabled: bool = Field(True, description="false publishes without the check (not recommended).")
+    min_top1_agreement: float | None = Field(
+        None, ge=0, le=1, description="Least top-1 agreement with the parent, 0..1; default: the kind's floor."
+    )
+    max_kl: float | None = Field(
+        None, ge=0, description="Most KL divergence from the parent, nats/token; default: the kind's floor."
+    )
+    tokens: int = Field(2048, ge=16, description="Calibration tokens scored by both the output and its parent.")
+
+
 class StageConfig(Strict):
     """One stage: a registered kind, its params, and the stage(s) it reads from."""
 
@@ -104,6 +117,10 @@ class StageConfig(Strict):
     allow_skip: bool = Field(
         False,
         description="If the stage cannot run here (no CUDA, missing package), mark it skipped instead of refusing.",
+    )
+    check: OutputCheckConfig = Field(
+        OutputCheckConfig(),
+        description="Floors the output must meet against its parent on calibration tokens before it is published.",
     )
 
     @field_validator("id")
@@ -245,8 +262,13 @@ def check_model_source(spec: str, base: Path) -> str | None:
     if spec.startswith("hf:"):
         return None
     folder = Path(spec) if Path(spec).is_absolute() else base / spec
+    if folder.suffix == ".gguf":  # a GGUF file, converted into a checkpoint folder by resolve_model_source
+        return None if folder.is_file() else f"GGUF file {folder} does not exist"
     if not (folder / "config.json").exists():
-        return f"expected 'builtin:<name>', 'hf:<org>/<name>' or a checkpoint folder; {folder} has no config.json"
+        return (
+            f"expected 'builtin:<name>', 'hf:<org>/<name>', a checkpoint folder or a .gguf file; "
+            f"{folder} has no config.json"
+        )
     return None
 
 

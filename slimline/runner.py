@@ -43,7 +43,10 @@ from slimline.artifacts import (
 )
 from slimline.config import INPUT_ID, DataSource, Pipeline, StageConfig, topological_order
 from slimline.data import load_texts, source_fingerprint, tokenize_stream
+from slimline.errors import StageError
 from slimline.evaluate import Evaluator
+from slimline.evaluate.backends import open_backend
+from slimline.evaluate.output_check import check_windows, floor_for, judge, measure_output
 from slimline.models import copy_tokenizer_files, load_tokenizer, resolve_model_source
 from slimline.preflight import run_preflight
 from slimline.progress import Progress
@@ -111,8 +114,8 @@ class Runner:
         evaluator = Evaluator(self.config.evaluate, self.data, self.results[INPUT_ID].artifact, self.progress)
         try:
             for stage_id, result in self.results.items():
-                if result.artifact is not None:
-                    self.evaluate_and_report(stage_id, result, evaluator)
+                if result.artifact is not None and result.status != "failed":
+                    self.evaluate_or_fail(stage_id, result, evaluator)
                 else:
                     result.report = write_stage_report(
                         self.stage_dir(stage_id), self.report_fields(stage_id, result), {}
@@ -162,12 +165,16 @@ class Runner:
         reused = find_reusable(folder, key)
         if reused:
             log.info("%s: reusing the cached artifact", stage_id)
+            problems = self.rejudge_output(stage, reused)
+            if problems:
+                return StageResult(stage_id, stage.kind, "failed", reason=problems)
             return StageResult(stage_id, stage.kind, "reused", artifact=reused)
         started = time.perf_counter()
         try:
             artifact = self.run_stage(stage_id, stage.kind, key, inputs, folder)
         except Exception as error:  # a failed stage is reported; its siblings still run
-            log.error("%s failed: %s\n%s", stage_id, error, traceback.format_exc())
+            log.error("%s failed: %s", stage_id, error)
+            log.debug("%s", traceback.format_exc())  # for --verbose and bug reports, not for the terminal
             return StageResult(stage_id, stage.kind, "failed", reason=f"{type(error).__name__}: {error}")
         return StageResult(stage_id, stage.kind, "ran", artifact=artifact, seconds=time.perf_counter() - started)
 
@@ -185,14 +192,65 @@ class Runner:
             seconds = time.perf_counter() - started
             copy_tokenizer_files(parent.model_path, work)
             manifest = self.manifest(stage_id, kind, output.format, key, params.model_dump(mode="json"), inputs)
-            manifest["stage_metrics"] = output.metrics
+            manifest["stage_metrics"] = {**output.metrics, **ctx.records}
             manifest["stage_seconds"] = round(seconds, 2)
             if output.base_model_path is not None:
                 manifest["base_model_path"] = str(output.base_model_path)
+            check = self.check_output(self.stage_config(stage_id), Artifact(work, manifest), parent)
+            if check is not None:
+                manifest["stage_metrics"]["output_check"] = check
             return publish(work, folder, manifest)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+
+    def check_output(self, stage: StageConfig, output: Artifact, parent: Artifact) -> dict[str, Any] | None:
+        """Score the unpublished output against its parent; raise StageError with the figures if it collapsed."""
+        floor = floor_for(stage.kind, stage.check.min_top1_agreement, stage.check.max_kl)
+        if floor is None or not stage.check.enabled:
+            return None
+        windows = check_windows(self.data.stream("calibration"), stage.check.tokens, model_context(parent))
+        with self.progress.task(f"{stage.id}: output check", 1) as advance:
+            parent_backend = open_backend(parent)
+            try:
+                output_backend = open_backend(output)
+                try:
+                    figures = measure_output(output_backend, parent_backend, windows)
+                finally:
+                    output_backend.close()
+            finally:
+                parent_backend.close()
+            advance(1)
+        check = {**figures, "min_top1_agreement": floor.min_top1_agreement, "max_kl": floor.max_kl}
+        problems = judge(figures, floor)
+        log.info(
+            "%s: output check vs parent: top-1 agreement %.3f, KL %.4f%s",
+            stage.id,
+            figures["top1_agreement"],
+            figures["kl"],
+            f" -> FAILED: {'; '.join(problems)}" if problems else "",
+        )
+        if problems:
+            raise StageError(
+                f"output check failed on {figures['tokens']} calibration tokens: {'; '.join(problems)} "
+                f"(measured: top-1 agreement {figures['top1_agreement']:.3f}, KL {figures['kl']:.4f}, "
+                f"perplexity {figures['perplexity']:.4g}); nothing was published. Set the floor per stage with "
+                "check: {min_top1_agreement: ..., max_kl: ...}"
+            )
+        return check
+
+    def rejudge_output(self, stage: StageConfig, artifact: Artifact) -> str:
+        """A reused artifact meets today's floor too, judged on the figures measured when it was made."""
+        recorded = artifact.manifest.get("stage_metrics", {}).get("output_check")
+        floor = floor_for(stage.kind, stage.check.min_top1_agreement, stage.check.max_kl)
+        if recorded is None or floor is None or not stage.check.enabled:
+            return ""
+        problems = judge(recorded, floor)
+        return (
+            f"output check failed (figures recorded when the artifact was made): {'; '.join(problems)}"
+            if problems
+            else ""
+        )
 
     def stage_key(self, stage_id: str, inputs: list[Artifact]) -> str:
         """Hash of everything that determines the stage's artifact."""
@@ -247,6 +305,17 @@ class Runner:
 
     # --- evaluation and reports ----------------------------------------------------------
 
+    def evaluate_or_fail(self, stage_id: str, result: StageResult, evaluator: Evaluator) -> None:
+        """Evaluate and report one artifact; a failure marks that artifact failed and the run goes on."""
+        try:
+            self.evaluate_and_report(stage_id, result, evaluator)
+        except Exception as error:  # one artifact's broken evaluation must not lose the others' reports
+            log.error("%s: evaluation failed: %s", stage_id, error)
+            log.debug("%s", traceback.format_exc())
+            result.status = "failed"
+            result.reason = f"evaluation failed: {type(error).__name__}: {error}"
+            result.report = write_stage_report(self.stage_dir(stage_id), self.report_fields(stage_id, result), {})
+
     def evaluate_and_report(self, stage_id: str, result: StageResult, evaluator: Evaluator) -> None:
         """Measure the artifact unless an up-to-date report exists, then write its report."""
         folder = self.stage_dir(stage_id)
@@ -277,7 +346,7 @@ class Runner:
         return {
             "stage": stage_id,
             "kind": result.kind,
-            "status": "ok" if result.artifact else result.status,
+            "status": "ok" if result.artifact and result.status != "failed" else result.status,
             "reason": result.reason,
             "parent": None if stage is None else self.pipeline.parents[stage_id],
             "params": manifest.get("params", stage.params if stage else {}),
@@ -286,6 +355,16 @@ class Runner:
             "stage_seconds": manifest.get("stage_seconds", 0.0),
             "artifact": str(result.artifact.path) if result.artifact else None,
         }
+
+
+def model_context(artifact: Artifact) -> int | None:
+    """The context length of an HF artifact's model (None where its config does not say)."""
+    config_file = artifact.model_path / "config.json"
+    if not config_file.exists():
+        return None
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(artifact.model_path), "max_position_embeddings", None)
 
 
 def library_versions() -> dict[str, str]:

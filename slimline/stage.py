@@ -7,8 +7,9 @@ atomic publishing, tokenizer files, caching and reports.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ class StageContext:
     seed: int
     data: DataAccess
     progress: Progress = field(default_factory=Progress)
+    # Figures the shared helpers record on the stage's behalf (the training precision chosen, say);
+    # the runner adds them to the stage's metrics.
+    records: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,16 +48,102 @@ class StageOutput:
     base_model_path: Path | None = None  # peft adapters: the model they apply to
 
 
+# Per-layer fields whose names do not end in 'layer_types'.
+PER_LAYER_FIELDS = ("no_rope_layers",)
+
+
+def per_layer_fields(config: Mapping[str, Any], layers: int) -> list[str]:
+    """Config fields holding one entry per decoder layer (``layer_types``, ``mlp_layer_types``, ...)."""
+    return [
+        name
+        for name, value in config.items()
+        if (name.endswith("layer_types") or name in PER_LAYER_FIELDS)
+        and isinstance(value, list)
+        and len(value) == layers
+    ]
+
+
+def select_layers(config: Mapping[str, Any], layers: int, kept: list[int]) -> dict[str, Any]:
+    """Per-layer config fields of a ``layers``-layer model, restricted to the layers ``kept``."""
+    return {name: [config[name][index] for index in kept] for name in per_layer_fields(config, layers)}
+
+
 @dataclass(frozen=True)
 class ModelShape:
-    """What validation knows of a model before any weights load: its config and linear-layer names."""
+    """What validation knows of a model before any weights load: its config and layer names.
+
+    ``config`` is the raw ``config.json`` dict; read values through ``setting``, which goes through
+    the transformers config class, so its aliases apply (GPT-2's ``n_layer`` is ``num_hidden_layers``)
+    and values its constructor derives (Qwen2's ``num_key_value_heads``) are there.
+    """
 
     config: dict[str, Any]
+    # Short names of the linear layers a stage may address ('q_proj', GPT-2's Conv1D 'c_attn', ...).
     linear_names: frozenset[str]
+    # Of those, the ones that are transformers' Conv1D (GPT-2 style: weight stored [in, out]).
+    conv1d_names: frozenset[str] = frozenset()
+
+    @property
+    def architecture(self) -> str:
+        """The model class named in the config ('GPT2LMHeadModel'), else its model_type."""
+        architectures = self.config.get("architectures") or []
+        return architectures[0] if architectures else str(self.config.get("model_type", "unknown architecture"))
+
+    @property
+    def model_type(self) -> str:
+        """The config's model_type ('gpt2', 'llama', ...)."""
+        return str(self.config.get("model_type", ""))
+
+    @cached_property
+    def config_object(self) -> Any:
+        """The transformers config object of ``config``, or None where it cannot be built."""
+        return config_object(self.config)
+
+    def setting(self, name: str, default: Any = None) -> Any:
+        """A config value read through the transformers config object (aliases and derived values apply)."""
+        value = getattr(self.config_object, name, None) if self.config_object is not None else None
+        if value is None:
+            value = self.config.get(canonical_name(self.config, name))
+        return default if value is None else value
 
     def changed(self, **config_changes: Any) -> ModelShape:
-        """The same model with some config fields changed (a stage's output)."""
-        return ModelShape({**self.config, **config_changes}, self.linear_names)
+        """The same model with some config fields changed (a stage's output).
+
+        Names go through the config class's aliases (``num_hidden_layers`` sets GPT-2's ``n_layer``); a
+        new layer count keeps the first layers' entries of per-layer fields such as ``layer_types``.
+        """
+        changes = {canonical_name(self.config, name): value for name, value in config_changes.items()}
+        layers_key = canonical_name(self.config, "num_hidden_layers")
+        layers = changes.get(layers_key)
+        current = self.config.get(layers_key)
+        if isinstance(layers, int) and isinstance(current, int) and layers < current:
+            changes = select_layers(self.config, current, list(range(layers))) | changes
+        return ModelShape({**self.config, **changes}, self.linear_names, self.conv1d_names)
+
+
+def canonical_name(config: Mapping[str, Any], name: str) -> str:
+    """The key under which the model's config class stores ``name`` (GPT-2: num_hidden_layers -> n_layer)."""
+    config_class = config_class_of(config)
+    return config_class.attribute_map.get(name, name) if config_class is not None else name
+
+
+def config_class_of(config: Mapping[str, Any]) -> Any:
+    """The transformers config class registered for the config's model_type, or None."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    return CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None
+
+
+def config_object(config: Mapping[str, Any]) -> Any:
+    """The transformers config object built from a config dict, or None when it cannot be built."""
+    config_class = config_class_of(config)
+    if config_class is None:
+        return None
+    try:
+        return config_class.from_dict(dict(config))
+    except Exception:  # an inconsistent config: callers fall back to the raw dict
+        return None
 
 
 ShapeProblems = list[tuple[tuple[str, ...], str]]

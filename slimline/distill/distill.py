@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimline.artifacts import Artifact, require_full_model
@@ -125,16 +126,16 @@ def top1_agreement(student: torch.nn.Module, teacher: torch.nn.Module, stream: t
     return agree / total
 
 
-def student_problems(teacher: dict, spec: StudentSpec) -> ShapeProblems:
+def student_problems(teacher_layers: int, teacher_hidden: int, spec: StudentSpec) -> ShapeProblems:
     """A student must be smaller than its teacher; a teacher init needs the teacher's width."""
-    hidden = spec.hidden_size or teacher["hidden_size"]
-    if spec.layers > teacher["num_hidden_layers"] or hidden > teacher["hidden_size"]:
+    hidden = spec.hidden_size or teacher_hidden
+    if spec.layers > teacher_layers or hidden > teacher_hidden:
         message = (
             f"student ({spec.layers} layers, hidden {hidden}) is larger than its teacher "
-            f"({teacher['num_hidden_layers']} layers, hidden {teacher['hidden_size']})"
+            f"({teacher_layers} layers, hidden {teacher_hidden})"
         )
         return [(("student",), message)]
-    if spec.init == "teacher" and hidden != teacher["hidden_size"]:
+    if spec.init == "teacher" and hidden != teacher_hidden:
         return [(("student", "init"), "'teacher' copies layers and needs the teacher's hidden_size; use init: fresh")]
     return []
 
@@ -142,8 +143,30 @@ def student_problems(teacher: dict, spec: StudentSpec) -> ShapeProblems:
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
     """Refuse students that do not fit the teacher; the output has the student's shape."""
     spec = params.student
-    hidden = spec.hidden_size or shape.config["hidden_size"]
-    return student_problems(shape.config, spec), shape.changed(num_hidden_layers=spec.layers, hidden_size=hidden)
+    layers, hidden = shape.setting("num_hidden_layers"), shape.setting("hidden_size")
+    if not isinstance(layers, int) or not isinstance(hidden, int):
+        message = (
+            f"{shape.architecture} is not supported: distill needs num_hidden_layers and hidden_size in its config"
+        )
+        return [((), message)], shape
+    problems = student_problems(layers, hidden, spec)
+    if problems:
+        return problems, shape
+    try:
+        changes = student_shape(shape.config_object, spec)
+    except (AttributeError, TypeError, ValueError, StrictDataclassError) as error:
+        return [((), f"{shape.architecture} is not supported: distill cannot derive a student config ({error})")], shape
+    return [], shape.changed(**changes)
+
+
+def student_shape(teacher_config: Any, spec: StudentSpec) -> dict[str, Any]:
+    """The config fields the student changes (validation's view of ``student_config``)."""
+    if teacher_config is None:  # a config transformers cannot build: only the spec's own figures are known
+        return {"num_hidden_layers": spec.layers} | ({"hidden_size": spec.hidden_size} if spec.hidden_size else {})
+    student = student_config(
+        teacher_config, spec.layers, spec.hidden_size, spec.intermediate_size, spec.attention_heads
+    ).to_dict()
+    return {name: value for name, value in student.items() if teacher_config.to_dict().get(name) != value}
 
 
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
@@ -151,7 +174,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     parent = inputs[0]
     require_full_model(parent, KIND)
     teacher = load_causal_lm(parent.model_path)
-    problems = student_problems(teacher.config.to_dict(), params.student)
+    problems = student_problems(teacher.config.num_hidden_layers, teacher.config.hidden_size, params.student)
     if problems:
         raise StageError(problems[0][1])
     spec = params.student

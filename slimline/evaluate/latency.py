@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -75,9 +76,14 @@ def time_one_decode(backend: Backend, prompt: torch.Tensor, new_tokens: int) -> 
 
 
 def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of ``values``."""
+    """Nearest-rank percentile of ``values``: the smallest value with at least ``fraction`` of them at or below it.
+
+    The one percentile of the project (latency here, the serving benchmark's load run); ``fraction``
+    is in [0, 1], ``values`` must not be empty.
+    """
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
+    rank = math.ceil(fraction * len(ordered) - 1e-9)  # 1-based; the epsilon absorbs float error in the product
+    return ordered[min(len(ordered), max(1, rank)) - 1]
 
 
 def measure_latency(

@@ -30,8 +30,10 @@ from slimline.artifacts import Artifact, require_full_model
 from slimline.errors import StageError
 from slimline.evaluate.backends.onnx_backend import MODEL_FILE, OnnxSequence, open_session
 from slimline.export.decoder_graph import CacheLayout, export_decoder
+from slimline.export.int8_graph import quantize_graph_per_token
+from slimline.hardware import cpu_flags, has_vnni, safe_int8_weight_bits
 from slimline.models import load_causal_lm
-from slimline.stage import StageContext, StageOutput, StageParams, same_shape
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,6 @@ REQUIRES: tuple[str, ...] = ("onnx", "onnxscript", "onnxruntime")
 EXTRA = "onnx"
 DEVICE = "any"
 DATA: tuple[str, ...] = ("calibration",)
-check_shape = same_shape
 
 # Protobuf cannot hold a file over 2 GB: larger weights go to an external data file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -58,6 +59,11 @@ class Params(StageParams):
     quantize: Literal["none", "dynamic", "static"] = Field(
         "none",
         description="int8 weights: dynamic quantises activations at run time; static calibrates them on data.",
+    )
+    activations: Literal["per_token", "per_tensor"] = Field(
+        "per_token",
+        description="Dynamic only: one activation range per token (slimline's MatMulInteger rewrite; robust to the "
+        "outlier tokens of real checkpoints) or one per tensor (onnxruntime.quantization.quantize_dynamic).",
     )
     per_channel: bool = Field(True, description="One int8 scale per output channel instead of per tensor.")
     symmetric_activations: bool = Field(
@@ -83,7 +89,24 @@ class Params(StageParams):
         """Quantisation works on the fp32 graph; an fp16 graph is for GPU providers."""
         if self.quantize != "none" and self.precision == "fp16":
             raise ValueError("int8 quantization applies to an fp32 graph; set precision: fp32 or quantize: none")
+        if self.quantize != "dynamic" and "activations" in self.model_fields_set:
+            raise ValueError("activations applies to quantize: dynamic only; drop it")
         return self
+
+
+# Families on whose exported graph ONNX Runtime's transformer fusions (model_type 'gpt2') fail, by model_type.
+OPTIMIZER_FAILS = {"gpt2": "onnx_model_gpt2.postprocess raises IndexError on a Gemm node without a bias input"}
+
+
+def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
+    """Refuse ``optimize`` for families whose graph ONNX Runtime's fusions fail on (the export itself works)."""
+    if params.optimize and shape.model_type in OPTIMIZER_FAILS:
+        message = (
+            f"{shape.architecture}: ONNX Runtime's transformer optimizer fails on its exported graph "
+            f"({OPTIMIZER_FAILS[shape.model_type]}); set optimize: false"
+        )
+        return [(("optimize",), message)], shape
+    return [], shape
 
 
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
@@ -116,6 +139,10 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
             shutil.copy2(parent.model_path / name, ctx.work_dir / name)
     metrics = check_against_pytorch(model, ctx.work_dir / MODEL_FILE, ctx.data.stream("calibration"), params)
     metrics.update({"external_data": external, "cache_layers": layout.layers, "opset": params.opset})
+    if params.quantize != "none":
+        metrics["int8_activations"] = params.activations if params.quantize == "dynamic" else "static per tensor"
+        metrics["int8_weight_bits"] = safe_int8_weight_bits()
+        metrics["cpu_vnni"] = has_vnni(cpu_flags())
     exact_graph = params.precision == "fp32" and params.quantize == "none"
     if exact_graph and metrics["max_abs_logit_difference"] > params.tolerance:
         raise StageError(
@@ -180,15 +207,23 @@ class PrefillReader:
 
 
 def quantize_graph(source: Path, target: Path, params: Params, calibration: list[np.ndarray], external: bool) -> Path:
-    """int8 weights through onnxruntime.quantization (MatMul/Gemm/Gather weights)."""
+    """int8 weights: per-token dynamic (our rewrite), or onnxruntime.quantization's per-tensor dynamic or static."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    if params.quantize == "dynamic" and params.activations == "per_token":
+        import onnx
+
+        graph = onnx.load(str(source))
+        quantize_graph_per_token(graph, params.per_channel, safe_int8_weight_bits())
+        onnx.save_model(graph, str(target), save_as_external_data=external, location=target.name + ".data")
+        return target
     if params.quantize == "dynamic":
         quantize_dynamic(
             str(source),
             str(target),
             weight_type=QuantType.QInt8,
             per_channel=params.per_channel,
+            reduce_range=safe_int8_weight_bits() == 7,
             use_external_data_format=external,
         )
         return target

@@ -65,8 +65,8 @@ class Params(StageParams):
 
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
     """The engine cannot serve sequences longer than the model's context."""
-    context = shape.config.get("max_position_embeddings")
-    if context and params.max_sequence and params.max_sequence > context:
+    context = shape.setting("max_position_embeddings")
+    if isinstance(context, int) and params.max_sequence and params.max_sequence > context:
         return [
             (("max_sequence",), f"max_sequence {params.max_sequence} exceeds the model's context ({context})")
         ], shape

@@ -81,13 +81,19 @@ class Params(StageParams, TrainSettings):
 
 
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
-    """Every target module must name linear layers of the model."""
+    """Every target module must name layers peft can adapt (Linear, GPT-2's Conv1D) of the model."""
     unknown = sorted(set(params.target_modules) - shape.linear_names)
     if unknown:
-        return [
-            (("target_modules",), f"{unknown} match no linear layer of this model; it has {sorted(shape.linear_names)}")
-        ], shape
+        return [(("target_modules",), unknown_targets_message(shape.architecture, unknown, shape.linear_names))], shape
     return [], shape
+
+
+def unknown_targets_message(architecture: str, unknown: list[str], names: frozenset[str] | set[str]) -> str:
+    """Why the targets cannot be adapted, and which names this architecture does have."""
+    return (
+        f"{unknown} match no linear layer of this {architecture}; it has {sorted(names)} "
+        f"(the default targets are Llama-style projection names)"
+    )
 
 
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
@@ -171,4 +177,5 @@ def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
     names = linear_layer_names(model)
     unknown = sorted(set(targets) - names)
     if unknown:
-        raise StageError(f"target_modules {unknown} match no linear layer of this model; it has {sorted(names)}")
+        architecture = type(model).__name__
+        raise StageError(f"target_modules {unknown_targets_message(architecture, unknown, names)}")

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
 from slimline.errors import ConfigError
 from slimline.stage import ModelShape
@@ -32,7 +34,7 @@ TOKENIZER_FILES = (
 
 
 def resolve_model_source(spec: str, base: Path) -> Path:
-    """The local folder holding the checkpoint named by ``spec``."""
+    """The local folder holding the checkpoint named by ``spec`` (for a ``.gguf`` file: its converted copy)."""
     from slimline.config import check_model_source
 
     problem = check_model_source(spec, base)
@@ -42,7 +44,12 @@ def resolve_model_source(spec: str, base: Path) -> Path:
         return BUILTIN_MODELS[spec.removeprefix("builtin:")]
     if spec.startswith("hf:"):
         return download_hub_model(spec.removeprefix("hf:"))
-    return Path(spec) if Path(spec).is_absolute() else (base / spec).resolve()
+    path = Path(spec) if Path(spec).is_absolute() else (base / spec).resolve()
+    if path.suffix == ".gguf":  # dequantized once into an HF checkpoint folder, cached by the file's sha256
+        from slimline.models.gguf_source import convert_gguf_source
+
+        return convert_gguf_source(path)
+    return path
 
 
 def download_hub_model(repo: str) -> Path:
@@ -110,16 +117,41 @@ def save_causal_lm(model: PreTrainedModel, folder: Path, dtype: torch.dtype) -> 
 
 
 def read_model_shape(spec: str, base: Path) -> ModelShape | None:
-    """Config and linear-layer names of a built-in or local model, built on the meta device (no weights)."""
+    """Config and linear-layer names of a built-in or local model, built on the meta device (no weights).
+
+    A config transformers cannot build a causal LM from is refused with the reason (never a traceback).
+    """
     if spec.startswith("hf:"):
         return None
     path = resolve_model_source(spec, base)
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return ModelShape(config.to_dict(), frozenset(linear_layer_names(model)))
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, StrictDataclassError) as error:
+        raise ConfigError(
+            f"model {spec!r}: transformers cannot build a causal LM from {path / 'config.json'}: {error}"
+        ) from error
+    return ModelShape(config.to_dict(), frozenset(linear_layer_names(model)), frozenset(layer_names(model, (Conv1D,))))
 
 
 def linear_layer_names(model: torch.nn.Module) -> set[str]:
-    """Short names of the model's linear layers ('q_proj', ...); bitsandbytes' Linear4bit counts too."""
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    """Short names of the layers peft can adapt ('q_proj', GPT-2's Conv1D 'c_attn'); bitsandbytes' Linear4bit counts too."""
+    return layer_names(model, (torch.nn.Linear, Conv1D))
+
+
+def layer_names(model: torch.nn.Module, types: tuple[type, ...]) -> set[str]:
+    """Short names of the model's modules of the given types."""
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, types)}
+
+
+def decoder_layers_name(model: torch.nn.Module) -> str | None:
+    """Dotted name of the ModuleList holding the decoder blocks ('model.layers', GPT-2's 'transformer.h').
+
+    The first ModuleList (in module order) with one entry per hidden layer; None if there is none.
+    """
+    layers = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            return name
+    return None

@@ -19,10 +19,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+from transformers.pytorch_utils import Conv1D
 
 from slimline.artifacts import Artifact, require_full_model
 from slimline.errors import StageError
-from slimline.models import load_causal_lm, save_causal_lm, stored_dtype
+from slimline.models import decoder_layers_name, load_causal_lm, save_causal_lm, stored_dtype
 from slimline.prune.masks import global_magnitude_masks, layer_magnitude_mask, n_m_mask
 from slimline.stage import StageContext, StageOutput, StageParams, same_shape
 
@@ -58,13 +59,21 @@ class Params(StageParams):
         return self
 
 
-def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """Linear layers inside the decoder blocks (not embeddings, not the LM head)."""
+def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Linear layers inside the decoder blocks (not embeddings, not the LM head); GPT-2's Conv1D counts."""
+    container = decoder_layers_name(model)
+    if container is None:
+        return {}
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".layers." in name
+        if isinstance(module, torch.nn.Linear | Conv1D) and name.startswith(f"{container}.")
     }
+
+
+def oriented_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The layer's weight as [out, in] (a view for Conv1D, which stores [in, out]), so N:M groups run along inputs."""
+    return layer.weight.data.T if isinstance(layer, Conv1D) else layer.weight.data
 
 
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
@@ -74,8 +83,8 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     model = load_causal_lm(parent.model_path)
     layers = decoder_linears(model)
     if not layers:
-        raise StageError("found no linear layers inside decoder blocks ('.layers.' in their names) to prune")
-    weights = {name: layer.weight.data for name, layer in layers.items()}
+        raise StageError(f"found no linear layers inside the decoder blocks of {type(model).__name__} to prune")
+    weights = {name: oriented_weight(layer) for name, layer in layers.items()}
     if params.pattern == "n:m":
         masks = {name: n_m_mask(W, params.n, params.m) for name, W in weights.items()}
     elif params.scope == "global":

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import torch
 
+from slimline.stage import select_layers
+
 # Calibration sequences per forward pass: bounds activation memory.
 CALIBRATION_BATCH = 8
 
@@ -43,6 +45,11 @@ def slice_ffn(mlp: torch.nn.Module, kept: torch.Tensor) -> None:
     mlp.down_proj = sliced_linear(mlp.down_proj, cols=kept)
 
 
+def head_dim_of(config: object) -> int:
+    """Width of one attention head: the config's ``head_dim``, else hidden_size / heads (Qwen2 has no field)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row indices of the given heads in a [n*hd, H] projection."""
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
@@ -52,7 +59,8 @@ def slice_heads(attn: torch.nn.Module, kept_groups: torch.Tensor, config: object
     """Keep KV groups ``kept_groups`` and the query heads that read them."""
     per_group = config.num_attention_heads // config.num_key_value_heads
     q_heads = (kept_groups[:, None] * per_group + torch.arange(per_group)).flatten()
-    q_rows, kv_rows = head_rows(q_heads, config.head_dim), head_rows(kept_groups, config.head_dim)
+    head_dim = head_dim_of(config)
+    q_rows, kv_rows = head_rows(q_heads, head_dim), head_rows(kept_groups, head_dim)
     attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows)
     attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows)
     attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows)
@@ -66,9 +74,10 @@ def drop_layers(model: torch.nn.Module, removed: list[int]) -> None:
         layer.self_attn.layer_idx = index
     model.model.layers = torch.nn.ModuleList(kept)
     config = model.config
-    # Only some model configs carry per-layer types (sliding vs full attention).
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [t for index, t in enumerate(config.layer_types) if index not in removed]
+    # Some configs carry per-layer fields (layer_types: sliding vs full attention); keep the kept layers' entries.
+    survivors = [index for index in range(config.num_hidden_layers) if index not in removed]
+    for name, values in select_layers(config.to_dict(), config.num_hidden_layers, survivors).items():
+        setattr(config, name, values)
     config.num_hidden_layers = len(kept)
 
 
@@ -91,7 +100,7 @@ def head_magnitude_importance(model: torch.nn.Module) -> list[torch.Tensor]:
         attn = layer.self_attn
         v = attn.v_proj.weight.reshape(config.num_key_value_heads, -1).norm(dim=1)
         o = (
-            attn.o_proj.weight.T.reshape(config.num_key_value_heads, per_group * config.head_dim, -1)
+            attn.o_proj.weight.T.reshape(config.num_key_value_heads, per_group * head_dim_of(config), -1)
             .flatten(1)
             .norm(dim=1)
         )
@@ -140,7 +149,7 @@ def head_activation_importance(model: torch.nn.Module, calibration: torch.Tensor
     sums = [torch.zeros(config.num_key_value_heads) for _ in layers]
 
     def record(index: int, x: torch.Tensor) -> None:
-        heads = x.float().reshape(*x.shape[:-1], config.num_key_value_heads, per_group * config.head_dim)
+        heads = x.float().reshape(*x.shape[:-1], config.num_key_value_heads, per_group * head_dim_of(config))
         sums[index] += heads.norm(dim=-1).flatten(0, -2).sum(0)
 
     with input_hooks([layer.self_attn.o_proj for layer in layers], record):

@@ -27,13 +27,14 @@ from slimline.artifacts import Artifact, require_full_model
 from slimline.data import sample_windows
 from slimline.distill.distill import DistillationPair, LossWeights, distillation_loss
 from slimline.errors import StageError
-from slimline.models import count_parameters, load_causal_lm, save_causal_lm, stored_dtype
+from slimline.models import count_parameters, linear_layer_names, load_causal_lm, save_causal_lm, stored_dtype
 from slimline.prune.slicing import (
     block_influence,
     drop_layers,
     ffn_activation_importance,
     ffn_magnitude_importance,
     head_activation_importance,
+    head_dim_of,
     head_magnitude_importance,
     keep_count,
     slice_ffn,
@@ -94,22 +95,49 @@ class Params(StageParams):
         return self
 
 
+# The projections slicing works on: separate q/k/v/o attention and gate/up/down MLP (Llama-style blocks).
+LLAMA_STYLE_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+
+
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
     """Refuse removing every layer or pruning a model without Llama-style projections."""
-    config, problems = shape.config, []
-    missing = sorted({"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} - shape.linear_names)
+    problems: ShapeProblems = []
+    missing = LLAMA_STYLE_PROJECTIONS - shape.linear_names
     if missing:
-        problems.append(((), f"prune.structured supports Llama-style decoders; this model lacks {missing}"))
-    if params.drop_layers >= config["num_hidden_layers"]:
-        problems.append(
-            (("drop_layers",), f"{params.drop_layers} would remove all {config['num_hidden_layers']} layers")
-        )
+        problems.append(((), unsupported_architecture(shape.architecture, missing, shape.linear_names)))
+    layers = shape.setting("num_hidden_layers")
+    if not isinstance(layers, int):
+        problems.append(((), f"{shape.architecture}: the config names no num_hidden_layers to prune"))
+    elif params.drop_layers >= layers:
+        problems.append((("drop_layers",), f"{params.drop_layers} would remove all {layers} layers"))
     if problems:
         return problems, shape
-    changes = {"num_hidden_layers": config["num_hidden_layers"] - params.drop_layers}
+    changes = {"num_hidden_layers": layers - params.drop_layers}
     if params.ffn_fraction > 0:
-        changes["intermediate_size"] = keep_count(config["intermediate_size"], params.ffn_fraction, params.round_to)
+        changes["intermediate_size"] = keep_count(
+            shape.setting("intermediate_size"), params.ffn_fraction, params.round_to
+        )
+    if params.head_fraction > 0:
+        changes |= pruned_heads(shape, params.head_fraction)
     return [], shape.changed(**changes)
+
+
+def unsupported_architecture(architecture: str, missing: set[str] | frozenset[str], names: frozenset[str]) -> str:
+    """Why slicing cannot handle this architecture: the projections it lacks, and what it has instead."""
+    found = sorted(names - {"lm_head"})
+    return (
+        f"{architecture} is not supported: prune.structured slices Llama-style decoders with separate "
+        f"q/k/v/o and gate/up/down projections; it lacks {sorted(missing)} (found {found}, fused or named otherwise)"
+    )
+
+
+def pruned_heads(shape: ModelShape, head_fraction: float) -> dict[str, int]:
+    """Config fields after keeping ``1 - head_fraction`` of the KV groups (the same rule as ``prune_heads``)."""
+    heads = shape.setting("num_attention_heads")
+    groups = shape.setting("num_key_value_heads", heads)
+    head_dim = shape.setting("head_dim") or shape.setting("hidden_size") // heads
+    kept = max(1, round(groups * (1 - head_fraction)))
+    return {"num_attention_heads": heads * kept // groups, "num_key_value_heads": kept, "head_dim": head_dim}
 
 
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
@@ -155,11 +183,12 @@ def check_architecture(model: torch.nn.Module, params: Params) -> None:
     """Slicing knows Llama-style blocks (q/k/v/o and gate/up/down projections); refuse others."""
     layer = model.model.layers[0] if hasattr(model, "model") and hasattr(model.model, "layers") else None
     names = {name for name, _ in layer.named_modules()} if layer is not None else set()
-    needed = {"self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    needed = {f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    needed |= {f"mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")}
     if not needed <= names:
-        raise StageError(
-            f"prune.structured supports Llama-style decoders; this model ({model.config.model_type}) lacks {sorted(needed - names)}"
-        )
+        found = linear_layer_names(model) - {"lm_head"}
+        missing = {name.rsplit(".", 1)[-1] for name in needed - names}
+        raise StageError(unsupported_architecture(type(model).__name__, missing, frozenset(found)))
     if params.drop_layers >= model.config.num_hidden_layers:
         raise StageError(f"drop_layers={params.drop_layers} would remove all {model.config.num_hidden_layers} layers")
 
@@ -186,10 +215,9 @@ def prune_heads(model: torch.nn.Module, params: Params, calibration: torch.Tenso
     )
     for layer, layer_scores in zip(model.model.layers, scores, strict=True):
         slice_heads(layer.self_attn, layer_scores.topk(kept).indices.sort().values, config)
-    head_dim = config.head_dim
+    config.head_dim = head_dim_of(config)  # explicit from here on: the heads no longer span hidden_size
     config.num_attention_heads = config.num_attention_heads * kept // groups
     config.num_key_value_heads = kept
-    config.head_dim = head_dim
 
 
 def prune_ffn(model: torch.nn.Module, params: Params, calibration: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from slimline.artifacts import Artifact
 from slimline.errors import StageError
 from slimline.models import linear_layer_names, load_causal_lm
-from slimline.quantize.common import QUANTIZED_KEY, check_unquantized_shape, require_unquantized_model
+from slimline.quantize.common import QUANTIZED_KEY, check_unquantized_shape, ffn_width, require_unquantized_model
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ KIND = "quantize.bnb"
 REQUIRES = ("bitsandbytes",)
 EXTRA = "quant"
 DEVICE = "cpu"
+# Output rows bitsandbytes packs together for its 4-bit CPU kernel (AVX512-BF16 machines).
+CPU_4BIT_BLOCK = 32
 DATA: tuple[str, ...] = ()
 
 
@@ -61,9 +63,36 @@ class Params(StageParams):
 
 
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
-    """The input must be full precision."""
+    """The input must be full precision; 4-bit layers' output widths must suit the CPU kernel's packing."""
     quantized = {"quant_method": "bitsandbytes", "mode": params.mode}
-    return check_unquantized_shape(KIND, shape), shape.changed(**{QUANTIZED_KEY: quantized})
+    problems = check_unquantized_shape(KIND, shape)
+    if params.mode != "int8":
+        problems += check_4bit_widths(shape)
+    return problems, shape.changed(**{QUANTIZED_KEY: quantized})
+
+
+def check_4bit_widths(shape: ModelShape) -> ShapeProblems:
+    """Bitsandbytes' 4-bit CPU kernel (AVX512-BF16) packs output rows in blocks of 32: every width must divide."""
+    widths = output_widths(shape)
+    bad = {name: width for name, width in widths.items() if width % CPU_4BIT_BLOCK}
+    if bad:
+        message = (
+            f"{shape.architecture}: bitsandbytes' 4-bit CPU kernel packs output rows in blocks of {CPU_4BIT_BLOCK} "
+            f"and this model's {bad} are not multiples of {CPU_4BIT_BLOCK}; use mode: int8"
+        )
+        return [(("mode",), message)]
+    return []
+
+
+def output_widths(shape: ModelShape) -> dict[str, int]:
+    """Output widths of the decoder's linear layers: hidden, FFN, query heads and key/value heads."""
+    hidden, heads = shape.setting("hidden_size"), shape.setting("num_attention_heads")
+    widths = {"hidden_size": hidden, "intermediate_size": ffn_width(shape)}
+    if isinstance(hidden, int) and isinstance(heads, int) and heads:
+        head_dim = shape.setting("head_dim") or hidden // heads
+        widths["query width"] = heads * head_dim
+        widths["key/value width"] = shape.setting("num_key_value_heads", heads) * head_dim
+    return {name: width for name, width in widths.items() if isinstance(width, int)}
 
 
 def bnb_config(params: Params) -> Any:

@@ -4,9 +4,12 @@ The HF checkpoint goes through ``convert_hf_to_gguf.py`` (see ``gguf_converter.p
 (or f32) GGUF; any other type is then made by llama.cpp's quantizer through llama-cpp-python,
 optionally weighted by an importance matrix measured on the calibration split
 (``gguf_imatrix.py``). K-quant mixes (``Q4_K_M`` ...) are llama.cpp's: a few sensitive tensors
-get a wider type. Before publishing, the GGUF's tokenizer is checked against the HF tokenizer on
-real text: the ids must be identical, or the stage fails. The artifact (format ``gguf``, one
-``model.gguf``) is evaluated through llama.cpp (``evaluate/backends/llama_cpp_backend.py``).
+get a wider type, and a tensor whose rows do not split into its type's blocks (256 weights for
+K-quants) falls back to another type, as llama.cpp decides; the stage lists those tensors (from
+llama.cpp's own report) and the file's real bits per weight. Before publishing, the GGUF's
+tokenizer is checked against the HF tokenizer on real text: the ids must be identical, or the
+stage fails. The artifact (format ``gguf``, one ``model.gguf``) is evaluated through llama.cpp
+(``evaluate/backends/llama_cpp_backend.py``).
 
 ```yaml
 - id: q4
@@ -21,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -30,11 +34,17 @@ from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact
 from slimline.errors import StageError
-from slimline.evaluate.backends.llama_cpp_backend import MODEL_FILE, open_gguf
-from slimline.evaluate.backends.llama_cpp_log import capture_llama_cpp_log, take_recent_messages
+from slimline.evaluate.backends.llama_cpp_backend import MODEL_FILE, collect_llama_cpp_log
+from slimline.evaluate.backends.llama_cpp_log import take_recent_messages
 from slimline.models import load_tokenizer, stored_dtype
+from slimline.models.gguf_source import EDGE_TEXTS, compare_with_llama_cpp, read_string
 from slimline.quantize import gguf_converter
-from slimline.quantize.common import QUANTIZED_KEY, check_unquantized_shape, require_unquantized_model
+from slimline.quantize.common import (
+    QUANTIZED_KEY,
+    check_gguf_converter_keys,
+    check_unquantized_shape,
+    require_unquantized_model,
+)
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
 
 log = logging.getLogger(__name__)
@@ -68,19 +78,17 @@ GgufType = Literal[
 ]
 # Types the converter writes itself, with its --outtype; every other type is made by llama_model_quantize.
 CONVERTER_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
-# Weights per quantization block: a quantized tensor's rows must be a multiple (else llama.cpp silently
-# falls back to another type for that tensor).
+# Weights per quantization block. A tensor whose rows (ncols) are not a multiple of its type's block falls back,
+# in llama.cpp's tensor_type_fallback (src/llama-quant.cpp): Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+# Q2_K/Q3_K -> Q4_0, IQ4_XS -> IQ4_NL, and to F16 when the fallback's 32-weight blocks do not fit either.
 SUPER_BLOCK = 256
 LEGACY_BLOCK = 32
-# A fixed set of texts that stress a byte-level pre-tokenizer: whitespace runs, digits, contractions, non-ASCII.
-EDGE_TEXTS = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n",
-    "3 33 333 3333 33333 3.3 3..3 3...3 0x1F 1e-5 -42",
-    "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL",
-    "\u00e9t\u00e9 na\u00efve \u043d\u0435\u0449\u043e \u6211\u60f3\u5728apple\u5de5\u4f5c \U0001f680 (emoji) \u2705",
-    "def f(x):\n\treturn x  # trailing spaces   \n\n\nclass A:\n    pass\n",
-    "''''''```````\"\"\"\"......!!!!!!?????? ------======= \\\\n \\t",
+# llama.cpp's log text for each fallback, and its count at the end (llama-cpp-python 0.3.36's llama.cpp).
+FALLBACK_LINE = re.compile(
+    r"warning: (?P<name>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+) "
+    r"\(required for type\s+(?P<wanted>\S+)\)\s*(?:\(WARNING: [^)]*\)\s*)?->\s*falling back to\s+(?P<actual>\S+)"
 )
+FALLBACK_COUNT = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization")
 
 
 class Params(StageParams):
@@ -124,21 +132,31 @@ def block_size(gguf_type: str) -> int:
 
 
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
-    """Refuse a quantized input, an architecture the converter lacks, and widths the type's blocks do not divide."""
+    """Refuse a quantized input and an architecture the converter lacks; widths are never refused.
+
+    llama.cpp quantizes every width: a tensor whose rows its type's blocks do not divide falls back to
+    another type (``tensor_type_fallback``), which the stage reports. Validation only says it will happen.
+    """
     problems = check_unquantized_shape(KIND, shape)
     problems += check_architecture(shape.config)
-    block = block_size(params.type)
-    widths = {name: shape.config.get(name) for name in ("hidden_size", "intermediate_size")}
-    bad = {name: width for name, width in widths.items() if isinstance(width, int) and width % block}
-    if bad:
-        problems.append(
-            (
-                ("type",),
-                f"{params.type} quantizes rows in blocks of {block} weights and the model's {bad} are not "
-                f"multiples of {block}; llama.cpp would fall back to another type; pick Q8_0/Q4_0 (blocks of 32) or F16",
-            )
+    problems += check_gguf_converter_keys(shape)
+    narrow = narrow_widths(params.type, shape.config)
+    if narrow:
+        log.info(
+            "%s: the model's %s are not multiples of %d weights; llama.cpp will quantize those rows with a fallback "
+            "type (listed in the stage figures)",
+            params.type,
+            narrow,
+            block_size(params.type),
         )
     return problems, shape.changed(**{QUANTIZED_KEY: {"quant_method": f"gguf-{params.type}"}})
+
+
+def narrow_widths(gguf_type: str, config: dict[str, Any]) -> dict[str, int]:
+    """The row lengths of the model's matrices (hidden and FFN widths) that ``gguf_type``'s blocks do not divide."""
+    block = block_size(gguf_type)
+    widths = {name: config.get(name) for name in ("hidden_size", "intermediate_size")}
+    return {name: width for name, width in widths.items() if isinstance(width, int) and width % block}
 
 
 def check_architecture(config: dict[str, Any]) -> ShapeProblems:
@@ -168,7 +186,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     if problems:
         raise StageError(problems[0][1])
     target = ctx.work_dir / MODEL_FILE
-    declared, importance = write_gguf(params, parent, converter, target, ctx)
+    built = write_gguf(params, parent, converter, target, ctx)
     tokenizer = check_tokenizer(target, parent.model_path, ctx.data.stream("calibration"), params)
     if tokenizer["tokenizer_roundtrip_identical"] < 1.0:
         raise StageError(
@@ -176,20 +194,17 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
             f"of {tokenizer['tokenizer_roundtrip_texts']} texts (first: {tokenizer['tokenizer_first_mismatch']}); "
             "llama.cpp would score and generate different tokens"
         )
-    metrics = describe_gguf(target, params.type) | tokenizer
-    metrics["pre_tokenizer_declared"] = declared
-    if importance is not None:
-        metrics["imatrix_tensors"] = len(importance)
+    check_fallbacks(target, built["fallback_tensors"])
+    metrics = describe_gguf(target, params.type) | built | tokenizer
     metrics["converter"] = gguf_converter.converter_info(converter)
     return StageOutput(format="gguf", metrics=metrics)
 
 
-def write_gguf(
-    params: Params, parent: Artifact, converter: Path, target: Path, ctx: StageContext
-) -> tuple[bool, dict[str, Any] | None]:
+def write_gguf(params: Params, parent: Artifact, converter: Path, target: Path, ctx: StageContext) -> dict[str, Any]:
     """Convert (and quantize) into ``target``; the 16-bit intermediate goes in a scratch folder, deleted after.
 
-    Returns whether the pre-tokenizer was declared, and the importance matrix used (if any).
+    Returns figures of the build: whether the pre-tokenizer was declared, the fallback tensors, the importance
+    matrix's size (if one was used).
     """
     pre_tokenizer = gguf_converter.declared_pre_tokenizer(parent.model_path)
     if params.type in CONVERTER_TYPES:
@@ -198,7 +213,7 @@ def write_gguf(
                 converter, parent.model_path, target, CONVERTER_TYPES[params.type], pre_tokenizer
             )
             advance(1)
-        return declared, None
+        return {"pre_tokenizer_declared": declared, "fallback_summary": {}, "fallback_tensors": []}
     scratch = ctx.work_dir / "_build"
     scratch.mkdir()
     source = scratch / "model-16bit.gguf"
@@ -208,10 +223,17 @@ def write_gguf(
         )
         advance(1)
         importance = compute_importance(params, parent, source, ctx) if params.imatrix else None
-        quantize_file(source, target, params, importance)
+        fallbacks = quantize_file(source, target, params, importance)
         advance(1)
     shutil.rmtree(scratch)
-    return declared, importance
+    built = {
+        "pre_tokenizer_declared": declared,
+        "fallback_summary": summarize_fallbacks(fallbacks),
+        "fallback_tensors": fallbacks,
+    }
+    if importance is not None:
+        built["imatrix_tensors"] = len(importance)
+    return built
 
 
 def intermediate_type(parent: Artifact) -> str:
@@ -228,14 +250,17 @@ def compute_importance(params: Params, parent: Artifact, source: Path, ctx: Stag
     return importance_matrix(parent.model_path, source, windows)
 
 
-def quantize_file(source: Path, target: Path, params: Params, importance: dict[str, Any] | None) -> None:
-    """``llama_model_quantize`` from the converter's file to ``params.type``; StageError if llama.cpp refuses."""
+def quantize_file(
+    source: Path, target: Path, params: Params, importance: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """``llama_model_quantize`` from the converter's file to ``params.type``; StageError if llama.cpp refuses.
+
+    Returns the tensors llama.cpp fell back to another type for, as its log reports them.
+    """
     import llama_cpp
 
     from slimline.quantize.gguf_imatrix import imatrix_array
 
-    capture_llama_cpp_log()
-    take_recent_messages()
     settings = llama_cpp.llama_model_quantize_default_params()
     settings.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{params.type}")
     settings.nthread = params.threads or torch.get_num_threads()
@@ -243,36 +268,91 @@ def quantize_file(source: Path, target: Path, params: Params, importance: dict[s
     if matrix is not None:
         settings.imatrix = ctypes.cast(matrix.entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     log.info("llama_model_quantize %s -> %s (%d threads)", source.name, params.type, settings.nthread)
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(settings))
+    with collect_llama_cpp_log() as pieces:
+        take_recent_messages()
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(settings))
     del matrix
     if code != 0 or not target.exists():
         raise StageError(f"llama_model_quantize failed to make {params.type} (code {code}): {take_recent_messages()}")
+    fallbacks = read_fallbacks("".join(pieces))
+    for fallback in fallbacks:
+        log.info(
+            "%s: rows of %d weights -> %s instead of %s",
+            fallback["name"],
+            fallback["row_length"],
+            fallback["actual"],
+            fallback["wanted"],
+        )
+    return fallbacks
+
+
+def read_fallbacks(text: str) -> list[dict[str, Any]]:
+    """The fallback tensors in llama.cpp's quantization log: name, row length, wanted and actual type.
+
+    StageError when the tensors found disagree with llama.cpp's own count of them (a changed log format).
+    """
+    fallbacks = {
+        match["name"]: {
+            "name": match["name"],
+            "row_length": int(match["ncols"]),
+            "actual": match["actual"].upper(),
+            "wanted": match["wanted"].upper(),
+        }
+        for match in FALLBACK_LINE.finditer(text)
+    }
+    counted = FALLBACK_COUNT.search(text)
+    expected = int(counted.group(1)) if counted else 0
+    if expected != len(fallbacks):
+        raise StageError(
+            f"llama.cpp reports {expected} fallback tensor(s) and slimline read {len(fallbacks)} from its log; "
+            "its log format may have changed"
+        )
+    return list(fallbacks.values())
+
+
+def summarize_fallbacks(fallbacks: list[dict[str, Any]]) -> dict[str, int]:
+    """How many tensors fell back, per 'wanted -> actual' pair."""
+    summary: dict[str, int] = {}
+    for fallback in fallbacks:
+        pair = f"{fallback['wanted']} -> {fallback['actual']}"
+        summary[pair] = summary.get(pair, 0) + 1
+    return dict(sorted(summary.items()))
+
+
+def check_fallbacks(path: Path, fallbacks: list[dict[str, Any]]) -> None:
+    """Each fallback tensor of the GGUF at ``path`` must hold the type llama.cpp said it fell back to."""
+    from gguf import GGUFReader
+
+    types = {tensor.name: tensor.tensor_type.name for tensor in GGUFReader(path).tensors}
+    wrong = [f"{f['name']}: {types.get(f['name'])}" for f in fallbacks if types.get(f["name"]) != f["actual"]]
+    if wrong:
+        raise StageError(f"the GGUF's fallback tensors do not hold the types llama.cpp reported: {wrong}")
 
 
 def describe_gguf(path: Path, gguf_type: str) -> dict[str, Any]:
-    """Type, size, bits per weight, the tensor types llama.cpp chose, and the tokenizer metadata."""
+    """Type, size, bits per weight, the tensor types llama.cpp chose, and the tokenizer metadata.
+
+    ``bits_per_weight`` is the file's real figure: 8 x bytes of tensor data / number of weights, every tensor
+    counted (norms, fallback tensors).
+    """
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     elements = sum(int(tensor.n_elements) for tensor in reader.tensors)
     tensor_bytes = sum(int(tensor.n_bytes) for tensor in reader.tensors)
+    type_of = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
     types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    for type_name in type_of.values():
+        types[type_name] = types.get(type_name, 0) + 1
     return {
         "gguf_type": gguf_type,
         "file_mb": path.stat().st_size / 1e6,
         "bits_per_weight": 8 * tensor_bytes / elements,
         "tensor_types": dict(sorted(types.items())),
+        "output_tensor_type": type_of.get("output.weight") or type_of.get("token_embd.weight"),
         "gguf_parameters": elements,
         "pre_tokenizer": read_string(reader, "tokenizer.ggml.pre"),
     }
-
-
-def read_string(reader, key: str) -> str | None:
-    """A string field of a GGUF's metadata, or None."""
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
 
 
 # --- tokenizer round-trip ------------------------------------------------------------------
@@ -282,25 +362,7 @@ def check_tokenizer(path: Path, model_path: Path, stream: torch.Tensor, params: 
     """Tokenize the same texts with the HF tokenizer and the GGUF's (llama.cpp); count identical id lists."""
     tokenizer = load_tokenizer(model_path)
     texts = list(EDGE_TEXTS) + calibration_texts(tokenizer, stream[: params.tokenizer_check_tokens])
-    llama = open_gguf(path, vocab_only=True)
-    mismatches, first, tokens = 0, None, 0
-    try:
-        for text in texts:
-            expected = tokenizer(text, add_special_tokens=False)["input_ids"]
-            actual = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            tokens += len(expected)
-            if expected != actual:
-                mismatches += 1
-                first = first or first_difference(text, expected, actual)
-    finally:
-        llama.close()
-    return {
-        "tokenizer_roundtrip_texts": len(texts),
-        "tokenizer_roundtrip_tokens": tokens,
-        "tokenizer_roundtrip_mismatches": mismatches,
-        "tokenizer_roundtrip_identical": (len(texts) - mismatches) / len(texts),
-        "tokenizer_first_mismatch": first,
-    }
+    return compare_with_llama_cpp(tokenizer, path, texts)
 
 
 def calibration_texts(tokenizer, tokens: torch.Tensor) -> list[str]:
@@ -315,10 +377,3 @@ def calibration_texts(tokenizer, tokens: torch.Tensor) -> list[str]:
             current.append(token)
     texts.append(current)
     return [tokenizer.decode(ids) for ids in texts if ids]
-
-
-def first_difference(text: str, expected: list[int], actual: list[int]) -> str:
-    """Where two id lists first differ, with a little context, for the error message."""
-    index = next((i for i, (a, b) in enumerate(zip(expected, actual, strict=False)) if a != b), None)
-    index = min(len(expected), len(actual)) if index is None else index
-    return f"text {text[:40]!r}...: token {index}: HF {expected[index : index + 3]} vs llama.cpp {actual[index : index + 3]}"

@@ -14,8 +14,9 @@ the converter imports its own ``gguf`` package and holds the whole model while w
 neither should leak into the pipeline's process. The one addition slimline makes there is a
 declared pre-tokenizer: the converter identifies a BPE pre-tokenizer by a hash of its output
 on a fixed text and refuses hashes it does not list; for a tokenizer whose ``tokenizer.json``
-declares exactly GPT-2's byte-level pre-tokenizer, slimline declares ``gpt-2`` instead (the
-stage then checks the GGUF's tokenizer against the HF one on real text).
+declares exactly GPT-2's byte-level pre-tokenizer, slimline declares ``gpt-2`` instead, and
+``smollm`` for digits split off first and then GPT-2's split (the stage then checks the GGUF's
+tokenizer against the HF one on real text).
 """
 
 from __future__ import annotations
@@ -192,20 +193,20 @@ def is_register_call(func: ast.expr) -> bool:
 
 
 def declared_pre_tokenizer(model_path: Path) -> str | None:
-    """'gpt-2' (llama.cpp's name) when ``tokenizer.json`` is byte-level BPE with exactly GPT-2's pre-tokenizer, else None."""
+    """llama.cpp's name for a byte-level BPE ``tokenizer.json`` whose pre-tokenizer is one slimline knows, else None.
+
+    'gpt-2' for exactly GPT-2's byte-level split, 'smollm' for digits isolated first and then GPT-2's split
+    (SmolLM's and StarCoder's); see ``slimline.models.gguf_source.DECLARED_NAMES``.
+    """
+    from slimline.models.gguf_source import declared_name
+
     path = model_path / "tokenizer.json"
     if not path.exists():
         return None
     tokenizer = json.loads(path.read_text(encoding="utf-8"))
-    pre = tokenizer.get("pre_tokenizer") or {}
-    gpt2_style = (
-        tokenizer.get("model", {}).get("type") == "BPE"
-        and tokenizer.get("normalizer") is None
-        and pre.get("type") == "ByteLevel"
-        and pre.get("use_regex", True)
-        and not pre.get("add_prefix_space", False)
-    )
-    return "gpt-2" if gpt2_style else None
+    if tokenizer.get("model", {}).get("type") != "BPE" or tokenizer.get("normalizer") is not None:
+        return None
+    return declared_name(tokenizer.get("pre_tokenizer"))
 
 
 # --- convert -------------------------------------------------------------------------------

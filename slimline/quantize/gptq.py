@@ -54,6 +54,14 @@ DATA = ("calibration",)
 # gptqmodel files that only describe its run; they are kept out of the artifact.
 RUN_LOG = "quant_log.csv"
 GENERATION_CONFIG = "generation_config.json"
+# Families whose GPTQ checkpoints gptqmodel writes but that cannot be loaded back and run (measured with
+# transformers 5.24, optimum 2, gptqmodel 7.6 on CPU): refused at validation, by model_type.
+UNSUPPORTED = {
+    "gpt2": "loading its GPTQ checkpoint fails in transformers' GPT-2 weight initialisation, which reads "
+    "`.weight` of gptqmodel's TorchAtenLinear (it has none), so the artifact cannot be evaluated",
+    "phi3": "gptqmodel saves the fused gate_up_proj as separate gate_proj/up_proj tensors, which transformers' "
+    "Phi-3 does not load (its gate_up_proj stays uninitialised), so the artifact cannot be evaluated",
+}
 
 
 class Params(StageParams):
@@ -93,6 +101,8 @@ class Params(StageParams):
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
     """Groups must divide every width; calibration windows must fit; the input must be full precision."""
     problems = check_unquantized_shape(KIND, shape) + check_group_size(params.group_size, shape)
+    if shape.model_type in UNSUPPORTED:
+        problems.append(((), f"{shape.architecture} is not supported: {UNSUPPORTED[shape.model_type]}"))
     problems += check_sequence_length("calibration_length", params.calibration_length, shape)
     quantized = {"quant_method": "gptq", "bits": params.bits, "group_size": params.group_size}
     return problems, shape.changed(**{QUANTIZED_KEY: quantized})

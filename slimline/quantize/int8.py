@@ -54,6 +54,62 @@ class StaticInt8Linear(torch.nn.Module):
         return self.dequant(self.linear(self.quant(x)))
 
 
+class PerTokenInt8Linear(torch.nn.Module):
+    """int8 weights (symmetric, per output channel or per tensor) times int8 activations quantized per token.
+
+    Each token (row) of the input gets its own asymmetric 8-bit range at run time, so an outlier
+    token, such as the first token's massive activations in real checkpoints, no longer crushes the
+    resolution of every other token as one range per tensor does. The product runs in int8 with
+    int32 accumulation (``torch._int_mm``); the offset is put back through the weights' row sums,
+    then both scales are applied in float. ``export/int8_graph.py`` writes the same arithmetic
+    into ONNX graphs.
+    """
+
+    def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """qweight: [out, in] int8; weight_scale: [out] (or [1]) float32; bias: [out] or None."""
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
+        self.register_buffer("weight_scale", weight_scale.float().reshape(-1))
+        self.register_buffer("bias", None if bias is None else bias.float())
+        # sum over inputs of each output channel's int8 weights: removes the activation zero point
+        self.register_buffer("weight_sums", self.qweight.sum(dim=1, dtype=torch.int32).float(), persistent=False)
+
+    @classmethod
+    def from_float(cls, linear: torch.nn.Linear, granularity: str, bits: int = 8) -> PerTokenInt8Linear:
+        """Quantize a float linear's weight on the symmetric int``bits`` grid held in int8."""
+        W = linear.weight.detach().float()  # [out, in]
+        top = 2 ** (bits - 1) - 1
+        amax = W.abs().amax(dim=1) if granularity == "per_channel" else W.abs().amax().reshape(1)
+        scale = amax.clamp(min=1e-12) / top
+        qweight = torch.round(W / scale.reshape(-1, 1)).clamp(-top - 1, top).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(qweight, scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize each token to 8 bits with its own range, multiply in int8, rescale to float."""
+        rows = x.reshape(-1, self.in_features).float()  # [M, in]
+        low, high = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+        scale = ((high - low) / 255).clamp(min=1e-12)  # [M, 1]
+        offset = torch.round(low / scale) + 128  # x ~ scale * (q + offset)
+        q = torch.clamp(torch.round(rows / scale) - offset, -128, 127).to(torch.int8)
+        accumulated = torch._int_mm(q, self.qweight.t()).float()  # [M, out]
+        out = (accumulated + offset * self.weight_sums) * scale * self.weight_scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        """Shape, for print(model)."""
+        return f"in_features={self.in_features}, out_features={self.out_features}, activations=per_token"
+
+
+def quantize_per_token_layers(model: torch.nn.Module, names: list[str], granularity: str, bits: int = 8) -> None:
+    """Replace each named linear layer by ``PerTokenInt8Linear``."""
+    for name in names:
+        model.set_submodule(name, PerTokenInt8Linear.from_float(model.get_submodule(name), granularity, bits))
+
+
 def quantizable_linears(model: torch.nn.Module, include_lm_head: bool) -> list[str]:
     """Names of the decoder's linear layers, and the LM head when asked."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
@@ -136,6 +192,9 @@ def qtensor_fields(prefix: str, q: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def layer_tensors(name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Everything needed to rebuild one quantized layer, as plain tensors."""
+    if isinstance(module, PerTokenInt8Linear):
+        tensors = {f"{name}.qweight": module.qweight, f"{name}.weight_scale": module.weight_scale.double()}
+        return tensors | ({} if module.bias is None else {f"{name}.bias": module.bias})
     linear = module.linear if isinstance(module, StaticInt8Linear) else module
     tensors = qtensor_fields(name, linear.weight())
     if linear.bias() is not None:
@@ -181,8 +240,12 @@ def qtensor_from(tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     return torch._make_per_channel_quantized_tensor(values, scales, zero_points, 0)
 
 
-def rebuild_layer(tensors: dict[str, torch.Tensor], name: str, mode: str) -> torch.nn.Module:
+def rebuild_layer(tensors: dict[str, torch.Tensor], name: str, mode: str, activations: str) -> torch.nn.Module:
     """The int8 module of one layer, from the tensors ``layer_tensors`` stored."""
+    if mode == "dynamic" and activations == "per_token":
+        return PerTokenInt8Linear(
+            tensors[f"{name}.qweight"], tensors[f"{name}.weight_scale"], tensors.get(f"{name}.bias")
+        )
     weight = qtensor_from(tensors, name)
     bias = tensors.get(f"{name}.bias")
     out_features, in_features = weight.shape
@@ -214,6 +277,8 @@ def load_int8_model(folder: Path) -> PreTrainedModel:
     left = [k for k in missing if not any(k.startswith(n + ".") for n in names) and k not in tied]
     if left or unexpected:
         raise ValueError(f"{folder} does not match its config: missing {left}, unexpected {unexpected}")
+    # recipes written before per-token activations existed hold torch.ao's per-tensor layers
+    activations = recipe.get("activations", "per_tensor")
     for name in names:
-        model.set_submodule(name, rebuild_layer(tensors, name, recipe["mode"]))
+        model.set_submodule(name, rebuild_layer(tensors, name, recipe["mode"], activations))
     return model.eval()

@@ -1,7 +1,9 @@
 """Post-training int8 quantization of a PyTorch model through torch.ao: dynamic or static (calibrated).
 
-Dynamic: weights are quantized to int8 ahead of time; each activation is quantized on the fly
-from its own range, per tensor, and the matrix product runs in int8 (fbgemm/x86 kernels).
+Dynamic: weights are quantized to int8 ahead of time; activations are quantized on the fly from
+their own range, by default one scale per token (``torch._int_mm`` int8 GEMM), or one per tensor
+through torch.ao's fbgemm/x86 kernels. Per token is the default because real checkpoints have
+outlier tokens: on SmolLM2-135M one scale per tensor cost +217% perplexity, one per token +1.8%.
 Static: activation ranges are fixed ahead from the calibration split through an observer
 (min-max, moving-average min-max, or the histogram observer that minimises the quantization
 error), so no range is computed at run time. Weights: per output channel or per tensor,
@@ -28,12 +30,14 @@ import torch
 from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact
+from slimline.hardware import cpu_flags, has_vnni, safe_int8_weight_bits
 from slimline.models import load_causal_lm, stored_dtype
 from slimline.quantize import int8
 from slimline.quantize.common import (
     QUANTIZED_KEY,
     calibration_windows,
     check_sequence_length,
+    check_torch_linear_layers,
     check_unquantized_shape,
     require_unquantized_model,
 )
@@ -55,6 +59,12 @@ class Params(StageParams):
     mode: Literal["dynamic", "static"] = Field(
         "dynamic",
         description="dynamic measures each activation's range at run time (robust); static fixes ranges from calibration (no run-time range pass).",
+    )
+    activations: Literal["per_token", "per_tensor"] = Field(
+        "per_token",
+        description="Dynamic only: one activation scale per token (robust to the outlier tokens of real checkpoints; "
+        "int8 GEMM through torch._int_mm, symmetric weights only) or one per tensor (torch.ao/fbgemm; an outlier "
+        "token costs every other token its resolution).",
     )
     weight_granularity: Literal["per_channel", "per_tensor"] = Field(
         "per_channel", description="One weight scale per output channel (accurate) or per layer."
@@ -87,12 +97,24 @@ class Params(StageParams):
         given = sorted(static_only & self.model_fields_set)
         if self.mode == "dynamic" and given:
             raise ValueError(f"{given} apply to mode 'static' only; drop them or set mode: static")
+        if self.mode == "static" and "activations" in self.model_fields_set:
+            raise ValueError("activations applies to mode 'dynamic' only (static ranges are per tensor); drop it")
+        if self.mode == "dynamic" and self.activations == "per_token" and not self.weight_symmetric:
+            raise ValueError(
+                "per-token activations run a symmetric int8 kernel: set weight_symmetric: true, "
+                "or activations: per_tensor for zero-point weights"
+            )
         return self
+
+    @property
+    def per_token(self) -> bool:
+        """True when activations are quantized per token at run time."""
+        return self.mode == "dynamic" and self.activations == "per_token"
 
 
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
     """The input must be full precision; static calibration windows must fit the context."""
-    problems = check_unquantized_shape(KIND, shape)
+    problems = check_unquantized_shape(KIND, shape) + check_torch_linear_layers(KIND, shape)
     if params.mode == "static":
         problems += check_sequence_length("calibration_length", params.calibration_length, shape)
     return problems, shape.changed(**{QUANTIZED_KEY: {"quant_method": f"torch.ao int8 {params.mode}"}})
@@ -102,6 +124,9 @@ def quantize_model(model: torch.nn.Module, params: Params, ctx: StageContext) ->
     """Quantize the model's linear layers in place; return their names."""
     names = int8.quantizable_linears(model, params.include_lm_head)
     granularity, symmetric, bits = params.weight_granularity, params.weight_symmetric, params.weight_bits
+    if params.per_token:
+        int8.quantize_per_token_layers(model, names, granularity, min(bits, safe_int8_weight_bits()))
+        return names
     if params.mode == "dynamic":
         int8.quantize_dynamic_layers(model, names, int8.dynamic_qconfig(granularity, symmetric, bits))
         return names
@@ -122,10 +147,15 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     names = quantize_model(model, params, ctx)
     recipe = {
         "mode": params.mode,
-        "engine": torch.backends.quantized.engine,
+        "activations": "per_token" if params.per_token else "per_tensor",
+        "engine": "torch._int_mm" if params.per_token else torch.backends.quantized.engine,
         "storage_dtype": str(stored_dtype(parent.model_path)).removeprefix("torch."),
         "params": params.model_dump(mode="json"),
     }
     int8.save_int8_model(model, names, ctx.work_dir, recipe)
     log.info("%s: %d linear layers quantized to int8 (%s)", ctx.stage_id, len(names), params.mode)
-    return StageOutput(format=FORMAT, metrics={"mode": params.mode, "quantized_layers": len(names)})
+    metrics = {"mode": params.mode, "activations": recipe["activations"], "kernel": recipe["engine"]}
+    if params.per_token:
+        metrics["stored_weight_bits"] = min(params.weight_bits, safe_int8_weight_bits())
+        metrics["cpu_vnni"] = has_vnni(cpu_flags())
+    return StageOutput(format=FORMAT, metrics=metrics | {"quantized_layers": len(names)})

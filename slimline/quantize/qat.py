@@ -24,14 +24,16 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact
+from slimline.hardware import Precision
 from slimline.models import load_causal_lm, stored_dtype
 from slimline.quantize import int8
 from slimline.quantize.common import (
     QUANTIZED_KEY,
     check_sequence_length,
+    check_torch_linear_layers,
     check_unquantized_shape,
     require_unquantized_model,
 )
@@ -57,7 +59,9 @@ class Params(StageParams, TrainSettings):
     weight_granularity: Literal["per_channel", "per_tensor"] = Field(
         "per_channel", description="One weight scale per output channel (accurate) or per layer."
     )
-    weight_symmetric: bool = Field(True, description="Symmetric weight grid (zero point 0), or asymmetric.")
+    weight_symmetric: bool = Field(
+        True, description="Symmetric weight grid (zero point 0); the per-token int8 kernel it converts to needs it."
+    )
     include_lm_head: bool = Field(
         True, description="Also quantize (and train for) the LM head, as quantize.ptq does by default."
     )
@@ -65,14 +69,25 @@ class Params(StageParams, TrainSettings):
     learning_rate: float = Field(
         2e-5, gt=0, description="Peak learning rate; low, since the model is already trained and only adapts."
     )
-    precision: Literal["bf16", "fp32"] = Field(
-        "fp32", description="fp32 keeps the fake-quantization arithmetic exact; bf16 autocast is faster on AVX512-BF16."
+    precision: Precision = Field(
+        "fp32",
+        description="fp32 keeps the fake-quantization arithmetic exact; auto takes bf16 autocast where the hardware "
+        "runs it natively (faster, less exact); bf16 forces it.",
     )
+
+    @model_validator(mode="after")
+    def check_symmetric(self) -> Params:
+        """The converted artifact runs per-token int8 activations against symmetric weights only."""
+        if not self.weight_symmetric:
+            raise ValueError(
+                "weight_symmetric: false has no int8 kernel here (per-token activations need symmetric weights)"
+            )
+        return self
 
 
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
     """The input must be full precision; training windows must fit the context."""
-    problems = check_unquantized_shape(KIND, shape)
+    problems = check_unquantized_shape(KIND, shape) + check_torch_linear_layers(KIND, shape)
     problems += check_sequence_length("sequence_length", params.sequence_length, shape)
     return problems, shape.changed(**{QUANTIZED_KEY: {"quant_method": "torch.ao int8 dynamic (qat)"}})
 
@@ -81,6 +96,7 @@ def fake_quantize_configs(params: Params) -> tuple[Any, Any]:
     """The torchao fake-quantization configs of the activations and weights."""
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
+    # per-token asymmetric: the activation scheme of the int8 artifact it converts to (int8.PerTokenInt8Linear)
     activation = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
     weight_dtype = torch.int8 if params.weight_bits == 8 else torch.int4
     granularity = "per_channel" if params.weight_granularity == "per_channel" else "per_tensor"
@@ -123,11 +139,11 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     prepare(model, names, params)
     losses = train_steps(model, ctx.data.stream("train"), params, ctx)
     convert(model)
-    qconfig = int8.dynamic_qconfig(params.weight_granularity, params.weight_symmetric, params.weight_bits)
-    int8.quantize_dynamic_layers(model, names, qconfig)
+    int8.quantize_per_token_layers(model, names, params.weight_granularity, params.weight_bits)
     recipe = {
         "mode": "dynamic",
-        "engine": torch.backends.quantized.engine,
+        "activations": "per_token",
+        "engine": "torch._int_mm",
         "storage_dtype": str(stored_dtype(parent.model_path)).removeprefix("torch."),
         "params": params.model_dump(mode="json"),
     }

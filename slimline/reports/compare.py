@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slimline.reports.rows import Row, read_summary, rows_from_summary
+from slimline.reports.tables import Column, cell, markdown_table
 from slimline.reproducibility import read_manifest
 
 
@@ -63,10 +64,9 @@ class Delta:
 
     def text(self) -> str:
         """``a -> b (+x.x%)``."""
-        spec = self.metric.spec
-        shown = [("-" if v is None else format(v, spec)) for v in (self.a, self.b)]
         rel = self.relative
-        return f"{shown[0]} -> {shown[1]}" + ("" if rel is None else f" ({rel:+.1%})")
+        change = "" if rel is None else f" ({rel:+.1%})"
+        return f"{cell(self.a, self.metric.spec)} -> {cell(self.b, self.metric.spec)}{change}"
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,19 @@ def delta_markdown(delta: Delta) -> str:
     return f"**{delta.text()}** {delta.direction}"
 
 
+def metric_column(index: int, metric: Metric) -> Column[StageDiff]:
+    """The column of one metric's delta; '-' for a stage in only one run."""
+    return Column(metric.label, lambda stage: delta_markdown(stage.deltas[index]) if stage.deltas else "-")
+
+
+DIFF_COLUMNS: tuple[Column[StageDiff], ...] = (
+    Column("stage", lambda stage: f"**{stage.stage}**" if stage.change != "unchanged" else stage.stage),
+    Column("change", lambda stage: stage.change),
+    Column("why", lambda stage: stage.why or "-"),
+    *(metric_column(index, metric) for index, metric in enumerate(METRICS)),
+)
+
+
 def render_diff_markdown(diff: RunDiff) -> str:
     """The comparison as Markdown: changed stages first in words, then every stage's deltas."""
     lines = [f"# Compare `{diff.run_a}` (A) -> `{diff.run_b}` (B)", ""]
@@ -198,13 +211,7 @@ def render_diff_markdown(diff: RunDiff) -> str:
         lines.append(f"**Changed stages ({len(diff.changed)}):** " + ", ".join(f"`{s}`" for s in diff.changed))
     else:
         lines.append("**No stage changed.**")
-    lines += ["", "| stage | change | why | " + " | ".join(m.label for m in METRICS) + " |"]
-    lines.append("|" + " --- |" * (3 + len(METRICS)))
-    for stage in diff.stages:
-        name = f"**{stage.stage}**" if stage.change != "unchanged" else stage.stage
-        cells = [delta_markdown(d) for d in stage.deltas] or ["-"] * len(METRICS)
-        why = stage.why.replace("|", "\\|") or "-"
-        lines.append(f"| {name} | {stage.change} | {why} | " + " | ".join(cells) + " |")
+    lines += ["", *markdown_table(DIFF_COLUMNS, diff.stages)]
     lines += ["", f"Deltas of {HIGHLIGHT:.0%} or more are in bold with their direction (better/worse)."]
     if diff.context:
         lines += ["", "## Outside the stages", ""] + [f"- {change}" for change in diff.context]

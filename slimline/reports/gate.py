@@ -25,6 +25,7 @@ from pathlib import Path
 from slimline.config import ReleaseConfig
 from slimline.errors import ReportError
 from slimline.reports.rows import Row, read_summary, rows_from_summary
+from slimline.reports.tables import Column, cell, markdown_table
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Check:
 
     def shown(self, number: float | None) -> str:
         """A value or limit in this check's format."""
-        return "-" if number is None else format(number, self.spec)
+        return cell(number, self.spec)
 
     @property
     def condition(self) -> str:
@@ -181,6 +182,14 @@ def render_verdict_text(verdict: Verdict) -> str:
     return "\n".join(lines)
 
 
+VERDICT_COLUMNS: tuple[Column[Check], ...] = (
+    Column("check", lambda check: f"{check.description} (`{check.name}`)"),
+    Column("measured", lambda check: check.shown(check.value)),
+    Column("limit", lambda check: check.condition),
+    Column("result", lambda check: "pass" if check.passed else f"**FAIL**{': ' + check.note if check.note else ''}"),
+)
+
+
 def render_verdict_markdown(verdict: Verdict) -> str:
     """The verdict as a Markdown section (for report.md and PR comments)."""
     outcome = "PASS" if verdict.passed else "FAIL"
@@ -188,12 +197,7 @@ def render_verdict_markdown(verdict: Verdict) -> str:
     lines.append(f"Candidate `{verdict.candidate}` ({verdict.candidate_kind}, {verdict.candidate_status}).")
     if verdict.reason:
         lines.append(f"It has no figures: {verdict.reason}.")
-    lines += ["", "| check | measured | limit | result |", "| --- | --- | --- | --- |"]
-    for check in verdict.checks:
-        result = "pass" if check.passed else f"**FAIL**{': ' + check.note if check.note else ''}"
-        lines.append(
-            f"| {check.description} (`{check.name}`) | {check.shown(check.value)} | {check.condition} | {result} |"
-        )
+    lines += ["", *markdown_table(VERDICT_COLUMNS, verdict.checks)]
     return "\n".join(lines) + "\n"
 
 

@@ -1,19 +1,29 @@
 """One row per artifact of a run, read from its ``summary.json``: the shared input of every run-level report.
 
-The comparison report, the release gate and ``slimline compare`` all read a run through
-``read_summary`` and ``rows_from_summary``, so they agree on every number.
+The comparison report, the release gate, ``slimline compare`` and the CLI's summary table all
+read a run through ``read_summary`` and ``rows_from_summary``, so they agree on every number.
+
+Each row has a *role*: ``input`` (the model the run starts from), ``candidate`` (an artifact that
+could be released), ``draft`` (a helper for speculative decoding: a ``distill`` output, a stage a
+``serve`` stage names as its ``draft``, and what is exported or quantized from them) or
+``off-scale`` (a collapsed artifact: perplexity more than ``OFF_SCALE`` times the input's, or not
+finite). Only the input and candidates compete on the Pareto fronts.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from slimline.errors import ReportError
 
 SUMMARY_JSON = "summary.json"
+DRAFT_KINDS = ("distill",)
+# An artifact whose perplexity is more than this many times the input model's has collapsed.
+OFF_SCALE = 10.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class Row:
     perplexity_change: float | None = None  # vs the input model, 0.03 = +3%
     decode_speedup: float | None = None  # vs the input model
     size_ratio: float | None = None  # vs the input model
+    role: str = "candidate"  # input | candidate | draft | off-scale
 
     @property
     def measured(self) -> bool:
@@ -53,6 +64,11 @@ class Row:
     def note(self) -> str:
         """``skipped: why`` / ``failed: why`` for an artifact that does not exist, else ''."""
         return f"{self.status}: {self.reason}" if self.status in ("skipped", "failed") else ""
+
+    @property
+    def competes(self) -> bool:
+        """True when the artifact was measured and may be on a Pareto front (the input or a candidate)."""
+        return self.measured and self.role in ("input", "candidate")
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -67,7 +83,7 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def row_from_summary(entry: dict[str, Any]) -> Row:
-    """A Row from one entry of summary.json's ``stages``."""
+    """A Row from one entry of summary.json's ``stages``, with the role its kind alone decides."""
     metrics = entry.get("metrics") or {}
     accuracy, latency = metrics.get("accuracy", {}), metrics.get("latency", {})
     deltas = (entry.get("deltas") or {}).get("input", {})
@@ -95,12 +111,52 @@ def row_from_summary(entry: dict[str, Any]) -> Row:
         perplexity_change=deltas.get("perplexity_change"),
         decode_speedup=deltas.get("decode_speedup"),
         size_ratio=deltas.get("size_ratio"),
+        role=kind_role(entry["kind"]),
     )
 
 
+def kind_role(kind: str) -> str:
+    """The role a stage's kind alone decides: ``input``, ``draft`` or ``candidate``."""
+    return "input" if kind == "input" else "draft" if kind in DRAFT_KINDS else "candidate"
+
+
+def draft_stages(entries: list[dict[str, Any]]) -> set[str]:
+    """Stages whose artifacts are drafts: distill outputs, those a serve stage drafts with, and their descendants.
+
+    A serve stage itself pairs a target with a draft: it is never a draft.
+    """
+    drafts = {e["stage"] for e in entries if e["kind"] in DRAFT_KINDS}
+    drafts |= {e["params"]["draft"] for e in entries if e["kind"] == "serve" and (e.get("params") or {}).get("draft")}
+    for entry in entries:  # run order puts every parent first
+        if entry["kind"] != "serve" and entry.get("parent") in drafts:
+            drafts.add(entry["stage"])
+    return drafts
+
+
+def off_scale(perplexity: float | None, input_perplexity: float | None) -> bool:
+    """True when a perplexity is not finite or more than OFF_SCALE times the input model's."""
+    if perplexity is None:
+        return False
+    if not math.isfinite(perplexity):
+        return True
+    return input_perplexity is not None and perplexity > OFF_SCALE * input_perplexity
+
+
 def rows_from_summary(summary: dict[str, Any]) -> list[Row]:
-    """Every artifact of a run, in run order (the input model first)."""
-    return [row_from_summary(entry) for entry in summary["stages"]]
+    """Every artifact of a run, in run order (the input model first), each with its role in the run."""
+    rows = [row_from_summary(entry) for entry in summary["stages"]]
+    drafts = draft_stages(summary["stages"])
+    base = next((row.perplexity for row in rows if row.stage == "input"), None)
+    return [replace(row, role=run_role(row, drafts, base)) for row in rows]
+
+
+def run_role(row: Row, drafts: set[str], input_perplexity: float | None) -> str:
+    """A row's role within its run: a collapsed artifact is off-scale whatever else it is."""
+    if row.role == "input":
+        return "input"
+    if off_scale(row.perplexity, input_perplexity):
+        return "off-scale"
+    return "draft" if row.stage in drafts else "candidate"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

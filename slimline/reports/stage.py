@@ -13,6 +13,7 @@ from typing import Any
 
 from slimline.artifacts import Artifact, hash_json, write_json_atomic, write_text_atomic
 from slimline.config import EvaluateConfig
+from slimline.reports.tables import Column, cell, markdown_table
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -65,11 +66,13 @@ def write_stage_report(
     return report
 
 
-def fmt(value: Any, spec: str = ".4g") -> str:
-    """A number for a table cell; '-' when missing."""
-    if value is None:
-        return "-"
-    return format(value, spec) if isinstance(value, int | float) else str(value)
+def name_value_table(header: str, pairs: list[tuple[str, Any]]) -> list[str]:
+    """A two-column Markdown table: ``header`` | value, numbers to four significant digits."""
+    columns: list[Column[tuple[str, Any]]] = [
+        Column(header, lambda pair: pair[0]),
+        Column("value", lambda pair: cell(pair[1], ".4g")),
+    ]
+    return markdown_table(columns, pairs)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -81,14 +84,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("format"):
         lines.append(f"**Format:** {report['format']}, measured with the **{report['backend']}** backend  ")
     lines.append(
-        f"**Time:** stage {fmt(report.get('stage_seconds'), '.1f')} s, evaluation {fmt(report.get('evaluate_seconds'), '.1f')} s"
+        f"**Time:** stage {cell(report.get('stage_seconds'), '.1f')} s, evaluation {cell(report.get('evaluate_seconds'), '.1f')} s"
     )
     if report.get("params"):
         lines += ["", "## Params", "", "```json", json.dumps(report["params"], indent=2), "```"]
     metrics = report.get("metrics") or {}
     if metrics:
         accuracy, latency = metrics["accuracy"], metrics["latency"]
-        lines += ["", "## Measurements", "", "| metric | value |", "| --- | --- |"]
+        lines += ["", "## Measurements", ""]
         rows = [
             ("perplexity", accuracy["perplexity"]),
             ("top-1 accuracy", accuracy["top1_accuracy"]),
@@ -102,15 +105,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             ("size on disk (MB)", metrics["size_mb"]),
             ("parameters", metrics["parameters"]),
         ]
-        lines += [f"| {name} | {fmt(value)} |" for name, value in rows]
+        lines += name_value_table("metric", rows)
         lines.append(
             f"\nLatency: {latency['prompt_tokens']}-token prompt, {latency['new_tokens']} greedy tokens, "
             f"median of {latency['repeats']} repeats, {latency['threads']} threads."
         )
     for name, deltas in report.get("deltas", {}).items():
         if deltas:
-            lines += ["", f"## Against the {name} model", "", "| change | value |", "| --- | --- |"]
-            lines += [f"| {key.replace('_', ' ')} | {fmt(value)} |" for key, value in deltas.items()]
+            lines += ["", f"## Against the {name} model", ""]
+            lines += name_value_table("change", [(key.replace("_", " "), value) for key, value in deltas.items()])
     if report.get("stage_metrics"):
         lines += ["", "## Stage figures", "", "```json", json.dumps(report["stage_metrics"], indent=2), "```"]
     return "\n".join(lines) + "\n"

@@ -122,6 +122,57 @@ def test_tokenizer_round_trip_is_identical_and_the_converter_named(gguf_run) -> 
     assert len(metrics["converter"]["llama_cpp_commit"]) == 40
 
 
+# --- widths K-quants' 256-weight blocks do not divide: llama.cpp's per-tensor fallback --------
+
+
+@pytest.fixture(scope="module")
+def narrow_run(tmp_path_factory: pytest.TempPathFactory):
+    """Q4_K_M of a tiny Llama with hidden 384 (not a multiple of 256) and FFN 768 (3 x 256)."""
+    folder = tmp_path_factory.mktemp("narrow")
+    model = build_tiny_model(folder / "model", hidden=384)
+    stages = "  - id: q4km\n    kind: quantize.gguf\n    params: {type: Q4_K_M}\n"
+    outcome = Runner(load_pipeline(write_pipeline(folder, model, stages)), folder / "run").run()
+    return outcome, {result.stage_id: result for result in outcome.results}
+
+
+def test_q4_k_m_on_a_narrow_model_falls_back_per_tensor_and_loads(narrow_run) -> None:
+    outcome, results = narrow_run
+    assert outcome.ok, [(r.stage_id, r.reason) for r in outcome.results if r.status == "failed"]
+    report = results["q4km"].report
+    assert report["backend"] == "llama.cpp" and report["metrics"]["latency"]["decode_tokens_per_s"] > 0
+    metrics = stage_metrics(results, "q4km")
+    fallbacks = {f["name"]: f for f in metrics["fallback_tensors"]}
+    # every matrix with rows of 384 falls back; ffn_down (rows of 768 = 3 x 256) keeps its K-quant
+    assert set(fallbacks) == {
+        f"blk.{layer}.{name}.weight"
+        for layer in (0, 1)
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")
+    }
+    for fallback in fallbacks.values():
+        assert fallback["row_length"] == 384
+        assert (fallback["wanted"], fallback["actual"]) in {("Q4_K", "Q5_0"), ("Q6_K", "Q8_0")}
+    assert sum(metrics["fallback_summary"].values()) == len(fallbacks)
+    assert metrics["output_tensor_type"] == "Q8_0"  # llama.cpp's rule for an output tensor whose rows do not fit
+    assert "Q4_K" in metrics["tensor_types"] or "Q6_K" in metrics["tensor_types"]  # the ffn_down tensors
+
+
+def test_bits_per_weight_is_the_files_own(narrow_run) -> None:
+    from gguf import GGUFReader
+
+    _, results = narrow_run
+    metrics = stage_metrics(results, "q4km")
+    reader = GGUFReader(results["q4km"].artifact.path / "model.gguf")
+    weights = sum(int(tensor.n_elements) for tensor in reader.tensors)
+    assert metrics["bits_per_weight"] == pytest.approx(8 * sum(int(t.n_bytes) for t in reader.tensors) / weights)
+    assert 4.5 < metrics["bits_per_weight"] < 8.5  # Q5_0/Q8_0 fallbacks, K-quants on ffn_down
+
+
+def test_a_k_quant_without_fallbacks_reports_none(gguf_run) -> None:
+    _, results = gguf_run
+    metrics = stage_metrics(results, "q4km")  # the wide model: every row splits into 256-weight blocks
+    assert metrics["fallback_tensors"] == [] and metrics["fallback_summary"] == {}
+
+
 def test_failed_conversion_publishes_nothing(tmp_path: Path) -> None:
     # a byte-level BPE whose pre-tokenizer adds a prefix space is not GPT-2's: the converter does not
     # know its hash and slimline declares nothing, so the conversion fails
@@ -154,9 +205,17 @@ def test_an_unknown_type_is_refused_with_the_known_ones(wide_model: Path, tmp_pa
     assert "tiny.yaml:" in message and "params.type" in message and "'Q4_K_M'" in message
 
 
-def test_k_quants_on_a_narrow_model_are_refused(tiny_model: Path, tmp_path: Path) -> None:
-    message = refusal(tmp_path, tiny_model, "{type: Q4_K_M}")
-    assert "blocks of 256" in message and "hidden_size" in message
+@pytest.mark.parametrize(
+    ("hidden", "gguf_type"),
+    [
+        (64, "Q4_K_M"),  # rows of 64: K-quants fall back to 32-weight types
+        (48, "Q4_0"),  # rows of 48: not even 32-weight blocks fit; llama.cpp writes those tensors in F16
+    ],
+)
+def test_widths_the_blocks_do_not_divide_are_not_refused(hidden: int, gguf_type: str, tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "model", hidden=hidden)
+    stages = f"  - id: q\n    kind: quantize.gguf\n    params: {{type: {gguf_type}}}\n"
+    load_pipeline(write_pipeline(tmp_path, model, stages))  # llama.cpp falls back per tensor; nothing to refuse
 
 
 def test_an_architecture_the_converter_lacks_is_refused(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def test_int4_weights_sit_on_the_int4_grid_and_reload(qat_run: Path, tiny_model:
         q = weights.get_tensor("model.layers.1.mlp.down_proj.qweight")
     assert q.dtype == torch.int8 and q.min() >= -8 and q.max() <= 7 and q.unique().numel() > 8
     model = load_causal_lm(folder)
-    assert isinstance(model.model.layers[1].mlp.down_proj, torch.ao.nn.quantized.dynamic.Linear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, int8.PerTokenInt8Linear)
     ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.isfinite(model(input_ids=ids).logits).all()

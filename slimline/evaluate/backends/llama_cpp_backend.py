@@ -9,13 +9,17 @@ deployment would.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from slimline.errors import ArtifactError
+from slimline.evaluate.backends import llama_cpp_log
 from slimline.evaluate.backends.base import Backend
 from slimline.evaluate.backends.llama_cpp_log import capture_llama_cpp_log, take_recent_messages
 
@@ -44,6 +48,26 @@ def open_gguf(path: Path, vocab_only: bool = False):
         )
     except ValueError as error:
         raise ArtifactError(f"llama.cpp cannot load {path}: {take_recent_messages()}") from error
+
+
+@contextmanager
+def collect_llama_cpp_log() -> Iterator[list[str]]:
+    """Every piece of text llama.cpp logs while the block runs, in order (it still reaches slimline's logger)."""
+    import llama_cpp
+
+    capture_llama_cpp_log()
+    pieces: list[str] = []
+
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        pieces.append(text.decode("utf-8", errors="replace"))
+        llama_cpp_log.forward(level, text, user_data)
+
+    callback = llama_cpp.llama_log_callback(collect)  # kept alive by this frame until the block ends
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield pieces
+    finally:
+        llama_cpp.llama_log_set(llama_cpp_log.state["callback"], ctypes.c_void_p(0))
 
 
 class LlamaCppSequence:

@@ -1,0 +1,68 @@
+"""The training precision chosen from the hardware: bf16 only where it is native and measured not slower."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimline.hardware import PrecisionChoice, choose_precision, decide_precision, has_native_bf16, has_vnni
+
+# Flags read off the two kinds of CPU this project's machines have been.
+AVX2_ONLY_EPYC = frozenset("fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi2".split())
+SAPPHIRE_RAPIDS = frozenset("avx2 avx512f avx512_bf16 avx512_vnni amx_bf16 amx_int8 amx_tile".split())
+ZEN4_EPYC = frozenset("avx2 avx512f avx512_bf16 avx512_vnni avx_vnni".split())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("flags", "bf16", "vnni"),
+    [
+        (AVX2_ONLY_EPYC, False, False),
+        (SAPPHIRE_RAPIDS, True, True),
+        (ZEN4_EPYC, True, True),
+    ],
+)
+def test_capability_flags(flags: frozenset[str], bf16: bool, vnni: bool) -> None:
+    assert has_native_bf16(flags) is bf16
+    assert has_vnni(flags) is vnni
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("requested", "native", "slowdown", "chosen", "reason_part"),
+    [
+        # auto on a CPU without native bf16: fp32, and the measured slowdown is named
+        ("auto", False, 37.4, "fp32", "no AVX512-BF16 or AMX; bf16 matmul measured 37.40x"),
+        # auto on a CPU with native bf16 that the micro-benchmark confirms
+        ("auto", True, 0.55, "bf16", "native bf16"),
+        # native flags, but the benchmark says bf16 is slower here: fp32
+        ("auto", True, 1.8, "fp32", "native bf16 flags, but"),
+        # explicit choices are kept; an explicit bf16 without native support says so
+        ("bf16", False, 37.4, "bf16", "this CPU has no native bf16"),
+        ("bf16", True, 0.5, "bf16", "as requested"),
+        ("fp32", True, None, "fp32", "as requested"),
+    ],
+)
+def test_cpu_precision_decision(
+    requested: str, native: bool, slowdown: float | None, chosen: str, reason_part: str
+) -> None:
+    choice = decide_precision(requested, cuda_bf16=None, native_bf16=native, bf16_slowdown=slowdown)
+    assert choice.chosen == chosen
+    assert reason_part in choice.reason
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("cuda_bf16", "chosen"), [(True, "bf16"), (False, "fp32")])
+def test_cuda_precision_decision(cuda_bf16: bool, chosen: str) -> None:
+    assert decide_precision("auto", cuda_bf16=cuda_bf16, native_bf16=False, bf16_slowdown=None).chosen == chosen
+
+
+@pytest.mark.unit
+def test_choice_on_this_machine_is_cached_and_recorded(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SLIMLINE_CACHE", str(tmp_path))
+    choice = choose_precision("auto")
+    assert isinstance(choice, PrecisionChoice)
+    assert (tmp_path / "hardware.json").exists()  # the micro-benchmark ran once and was cached
+    assert choice.bf16_slowdown is not None and choice.bf16_slowdown > 0
+    assert choice.as_record()["chosen"] in ("bf16", "fp32")
+    # bf16 is chosen only where it was measured no slower than float32
+    assert choice.chosen == "fp32" or choice.bf16_slowdown <= 1.0
