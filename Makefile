@@ -28,9 +28,11 @@ test: install
 test-all: install
 	$(PY) -m pytest -m ''
 
+LINTED := slimline tests scripts benchmarks
+
 lint: install
-	$(VENV)/bin/ruff check slimline tests scripts
-	$(VENV)/bin/ruff format --check slimline tests scripts
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -230,7 +230,10 @@ ARTIFACT_COLUMNS = (
     delta("decode speedup", "decode_speedup", ".2f", "x"),
     figure("prefill ms", "latency", "prefill_ms", ".1f"),
     Column("size MB", lambda row: cell(row["report"]["metrics"]["size_mb"], ".1f")),
-    Column("stage s", lambda row: cell(row["report"].get("stage_seconds", 0), ".0f")),
+    # report.json's produce_seconds; results recorded before the rename call it stage_seconds
+    Column(
+        "stage s", lambda row: cell(row["report"].get("produce_seconds", row["report"].get("stage_seconds", 0)), ".0f")
+    ),
 )
 PAIRED_COLUMNS = (
     keyed("grid", "label"),

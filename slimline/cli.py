@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBars
 from rich.table import Table
@@ -25,13 +26,19 @@ from rich.table import Table
 from slimline.config import load_pipeline, pipeline_json_schema
 from slimline.errors import SlimlineError
 from slimline.progress import Progress
+from slimline.runlog import RUN_LOG, TerminalStream, captured_output, run_folder, run_log
+from slimline.serve.bundle import ServeBundle
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Compress, export, measure and serve causal LMs from one YAML file.",
 )
-console = Console(stderr=True)
+# slimline's own terminal output: stderr, which stays the terminal while third-party output is captured.
+console = Console(file=TerminalStream())
+# Loggers whose INFO lines the terminal shows during `slimline run` (one line per stage, the run's end);
+# every other INFO line goes to run.log only, unless --ci asks for the detail.
+SUMMARY_LOGGERS = ("slimline.runner", "slimline.cli", "slimline.run")
 
 
 class BarProgress(Progress):
@@ -47,6 +54,9 @@ class BarProgress(Progress):
             TimeRemainingColumn(),
             console=console,
             transient=True,
+            # Python's stdout/stderr stay as they are, so third-party prints reach the capture, not the bars.
+            redirect_stdout=False,
+            redirect_stderr=False,
         )
 
     @contextmanager
@@ -76,18 +86,49 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def setup_logging(quiet: bool, ci: bool) -> None:
-    """Rich log lines for people; JSON lines on stderr for CI; plain timestamped lines for --quiet."""
-    level = logging.WARNING if quiet else logging.INFO
+class TerminalFilter(logging.Filter):
+    """What reaches the terminal: slimline's records and other libraries' errors; the rest is in the run log.
+
+    Of slimline's INFO lines only those of ``SUMMARY_LOGGERS`` pass, unless ``detail`` is set.
+    """
+
+    def __init__(self, detail: bool) -> None:
+        """``detail``: every slimline INFO line (CI logs, the server), not just one line per stage."""
+        super().__init__()
+        self.detail = detail
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True for records the terminal shows."""
+        if record.name != "slimline" and not record.name.startswith("slimline."):
+            return record.levelno >= logging.ERROR
+        return self.detail or record.levelno >= logging.WARNING or record.name in SUMMARY_LOGGERS
+
+
+def setup_logging(quiet: bool, ci: bool, detail: bool = True) -> None:
+    """Rich log lines for people; JSON lines on stderr for CI; plain timestamped lines for --quiet.
+
+    The terminal handler filters (``TerminalFilter``); the loggers pass slimline's DEBUG records and
+    other libraries' INFO records on, for the run log (``runlog.run_log``) to keep.
+    """
     if ci:
-        handler = logging.StreamHandler(sys.stderr)
+        handler: logging.Handler = logging.StreamHandler(TerminalStream())
         handler.setFormatter(JsonLineFormatter())
-        logging.basicConfig(level=level, handlers=[handler])
     elif quiet:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        handler = logging.StreamHandler(TerminalStream())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
-        logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
-    for noisy in ("httpx", "urllib3", "filelock"):
+        handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    handler.addFilter(TerminalFilter(detail or ci))
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if any(isinstance(f, TerminalFilter) for f in h.filters)]:
+        root.removeHandler(previous)  # a second command in the same process (tests) replaces the first's handler
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("slimline").setLevel(logging.DEBUG)
+    logging.captureWarnings(True)  # Python warnings become records: in the run log, not on the terminal
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import transformers
 
@@ -96,10 +137,21 @@ def setup_logging(quiet: bool, ci: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def fail(error: SlimlineError) -> None:
-    """Print a refusal and exit 2 (bad input) without a traceback."""
-    console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
+def fail(error: SlimlineError, ci: bool = False) -> None:
+    """Print a refusal (a JSON log record with ``--ci``) and exit 2 (bad input) without a traceback."""
+    if ci:
+        logging.getLogger("slimline.cli").error("%s", error)
+    else:
+        console.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def write_output(path: Path, write: Callable[[], Any]) -> None:
+    """Call ``write`` (which writes ``path``); a path that cannot be written is a refusal (exit 2), not a traceback."""
+    try:
+        write()
+    except OSError as error:
+        fail(SlimlineError(f"{path}: cannot write: {error.strerror or error}"))
 
 
 PipelineArg = Annotated[Path, typer.Argument(help="Pipeline YAML file.")]
@@ -118,23 +170,39 @@ def run(
         bool, typer.Option("--ci", help="No bars, JSON log lines on stderr, non-zero exit on any failed stage.")
     ] = False,
 ) -> None:
-    """Run a pipeline: every stage, its evaluation and its report, reusing finished work."""
-    from slimline.runner import Runner
-
+    """Run a pipeline: every stage, its evaluation and its report, reusing finished work; the log is in run.log."""
     ci = ci or os.environ.get("CI") == "true"
-    setup_logging(quiet, ci)
+    setup_logging(quiet, ci, detail=ci)
     try:
-        loaded = load_pipeline(pipeline, overrides)
-        runner = Runner(loaded, out, progress=Progress() if (quiet or ci) else BarProgress())
-        outcome = runner.run()
+        outcome = run_pipeline(pipeline, overrides, out, Progress() if (quiet or ci) else BarProgress())
     except SlimlineError as error:
-        fail(error)
+        fail(error, ci)
+    except Exception:
+        if not ci:
+            raise
+        logging.getLogger("slimline.cli").exception("slimline failed unexpectedly")  # a JSON record, not a traceback
+        raise typer.Exit(1) from None
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
     print_summary(summary)
     if ci:
         log_run_outcome(summary, outcome.run_dir)
     if not outcome.ok:
         raise typer.Exit(1)
+
+
+def run_pipeline(pipeline: Path, overrides: list[str] | None, out: Path | None, progress: Progress) -> Any:
+    """Validate and run a pipeline with third-party output captured: the run's into run.log, the start's too.
+
+    Validating and importing the runner load transformers, peft and torchao, which print as they load;
+    that output is kept aside until the run log exists, then written into it.
+    """
+    with captured_output("startup", log_now=False) as startup:
+        loaded = load_pipeline(pipeline, overrides)
+        from slimline.runner import Runner
+    run_dir = run_folder(loaded.config.name, out)
+    with run_log(run_dir / RUN_LOG):
+        startup.log()
+        return Runner(loaded, run_dir, progress=progress).run()
 
 
 def log_run_outcome(summary: dict[str, Any], run_dir: Path) -> None:
@@ -149,6 +217,7 @@ def log_run_outcome(summary: dict[str, Any], run_dir: Path) -> None:
                 "stages": {row["stage"]: row["status"] for row in summary["stages"]},
                 "failed": {row["stage"]: row["reason"] for row in summary["stages"] if row["status"] == "failed"},
                 "reports": [str(run_dir / name) for name in ("report.md", "report.html", "summary.json")],
+                "log": str(run_dir / RUN_LOG),
             }
         ),
     )
@@ -158,7 +227,8 @@ def log_run_outcome(summary: dict[str, Any], run_dir: Path) -> None:
 def validate(pipeline: PipelineArg, overrides: OverrideOpt = None) -> None:
     """Check a pipeline file without running anything."""
     try:
-        loaded = load_pipeline(pipeline, overrides)
+        with captured_output("validate", log_now=False):  # what libraries print as they load (torchao)
+            loaded = load_pipeline(pipeline, overrides)
     except SlimlineError as error:
         fail(error)
     stages = ", ".join(f"{s.id} ({s.kind})" for s in loaded.config.stages) or "no stages"
@@ -178,13 +248,16 @@ RunArg = Annotated[Path, typer.Argument(help="A run folder, e.g. runs/quickstart
 def report(run_dir: RunArg) -> None:
     """Rewrite a finished run's report.md and report.html from its summary.json and print the table."""
     from slimline.reports.comparison import write_run_reports
-    from slimline.reports.rows import read_summary
+    from slimline.reports.rows import read_run_manifest, read_summary
 
     try:
         summary = read_summary(run_dir)
+        read_run_manifest(run_dir)  # checked here, so the HTML header can read it as it is
         paths = write_run_reports(run_dir)
     except SlimlineError as error:
         fail(error)
+    except OSError as error:
+        fail(SlimlineError(f"{run_dir}: cannot write the reports: {error.strerror or error}"))
     print_summary(summary)
     console.print(f"reports: {paths['md']}, {paths['html']}", highlight=False, soft_wrap=True)
 
@@ -204,7 +277,7 @@ def compare(
         fail(error)
     print_diff(diff)
     if markdown is not None:
-        markdown.write_text(render_diff_markdown(diff))
+        write_output(markdown, lambda: markdown.write_text(render_diff_markdown(diff)))
 
 
 @app.command()
@@ -221,7 +294,7 @@ def gate(
         fail(error)
     typer.echo(render_verdict_text(verdict))
     if junit is not None:
-        write_junit(verdict, junit)
+        write_output(junit, lambda: write_junit(verdict, junit))
     if not verdict.passed:
         raise typer.Exit(1)
 
@@ -241,19 +314,35 @@ def serve(
         str | None, typer.Option(help="Model id clients send; default the target folder's name.")
     ] = None,
     k: Annotated[
-        int | None, typer.Option(min=1, max=16, help="Draft tokens per round (start value when adaptive); default 4.")
+        int | None,
+        typer.Option(
+            min=1, max=16, help=f"Draft tokens per round (start value when adaptive); default {ServeBundle.k}."
+        ),
     ] = None,
     adaptive: Annotated[
-        bool | None, typer.Option("--adaptive/--no-adaptive", help="Adapt k to the acceptance rate; default on.")
+        bool | None,
+        typer.Option(
+            "--adaptive/--no-adaptive",
+            help=f"Adapt k to the acceptance rate; default {'on' if ServeBundle.adaptive else 'off'}.",
+        ),
     ] = None,
     max_active: Annotated[int, typer.Option(min=1, help="Requests decoded at once; more wait in a queue.")] = 8,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--limit",
+            help="Set a client limit: name=value, e.g. max_body_bytes=4194304 (see docs/serving.md, 'Limits').",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with speculative decoding when a draft is given."""
+    from slimline.serve.limits import parse_limits
     from slimline.serve.server import serve as run_server
 
     setup_logging(quiet=False, ci=False)
     try:
-        run_server(target, draft, host, port, api_key, model_name, k, adaptive, max_active)
+        limits = parse_limits(limit)
+        run_server(target, draft, host, port, api_key, model_name, k, adaptive, max_active, limits=limits)
     except SlimlineError as error:
         fail(error)
 

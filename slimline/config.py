@@ -9,44 +9,41 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from graphlib import TopologicalSorter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimline.errors import ConfigError
-from slimline.registry import STAGES, stage_module
+from slimline.registry import STAGES, stage_module, stage_spec
+from slimline.sources import DATA_PREFIXES, DataSource
+from slimline.sources import LocalData as LocalData  # re-exported: the pipeline file's local data type
+from slimline.stage import ModelShape, ShapeProblems
+from slimline.untrusted import (
+    UntrustedInputError,
+    decode_utf8,
+    load_yaml_bounded,
+    read_bytes_bounded,
+    short_repr,
+    yaml_problem,
+)
 
 STAGE_ID = re.compile(r"^[a-z][a-z0-9_-]*$")
 # The implicit artifact every pipeline starts from: the model named by ``model:``.
 INPUT_ID = "input"
+# Bounds on the pipeline file and --set overrides (docs/stages.md, "Limits"), checked before anything is expanded.
+MAX_PIPELINE_BYTES = 1_048_576
+MAX_YAML_DEPTH = 32  # nesting, aliases expanded; a real pipeline nests under 10 deep
+MAX_YAML_NODES = 50_000  # values, aliases expanded; a real pipeline has a few hundred
+MAX_OVERRIDE_CHARS = 65_536
 
 
 class Strict(BaseModel):
     """Base of every pipeline model: frozen, unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LocalData(Strict):
-    """A local ``.txt`` or ``.jsonl`` file, or a folder of text files (one document per file)."""
-
-    path: Path = Field(description="File or folder path, relative to the pipeline file.")
-    glob: str = Field("**/*.txt", description="Folder only: which files are documents, e.g. '**/*.py'.")
-    field: str | None = Field(None, description="jsonl only: the record field holding the text (default 'text').")
-    template: str | None = Field(
-        None,
-        description="jsonl only: instruction data as text, e.g. '### user:\\n{prompt}\\n### assistant:\\n{response}' "
-        "(fields in braces); replaces 'field'.",
-    )
-    split: Literal["train", "eval", "calibration", "all"] = Field(
-        "all", description="Keep only this hash-based split of the file's documents."
-    )
-
-
-DataSource = str | LocalData
-DATA_PREFIXES = ("builtin:", "hf:")
 
 
 class DataConfig(Strict):
@@ -183,10 +180,6 @@ class Pipeline:
     source: Path
     extra_inputs: dict[str, list[str]] = field(default_factory=dict)  # e.g. a serve stage's draft
 
-    def resolve_path(self, path: Path) -> Path:
-        """A path from the pipeline file, relative to that file's folder."""
-        return path if path.is_absolute() else (self.source.parent / path).resolve()
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -199,16 +192,7 @@ class Problem:
 def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
     """Read, override and validate a pipeline file; raise ConfigError listing every problem."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such pipeline file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-        lines = yaml_line_index(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: expected a mapping of pipeline fields, got {type(data).__name__}")
+    data, lines = read_pipeline_file(path)
     for override in overrides or []:
         apply_override(data, override)
     pipeline, problems = validate_data(data, path)
@@ -216,6 +200,25 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
         raise ConfigError(format_problems(path, problems, lines))
     assert pipeline is not None
     return pipeline
+
+
+def read_pipeline_file(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
+    """The pipeline file's top-level mapping and its line index, read within the ``MAX_PIPELINE_*`` bounds.
+
+    Every way the file can be unreadable (a folder, binary bytes, too large, not YAML, an alias
+    bomb, nesting past the bound) is a ConfigError of one line: ``file[:line:column]: what is wrong``.
+    """
+    try:
+        text = decode_utf8(read_bytes_bounded(path, MAX_PIPELINE_BYTES, "pipeline file"), str(path))
+    except UntrustedInputError as error:
+        raise ConfigError(str(error)) from error
+    try:
+        data, root = load_yaml_bounded(text, MAX_YAML_DEPTH, MAX_YAML_NODES)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}:{yaml_problem(error)}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of pipeline fields, got {type(data).__name__}")
+    return data, node_line_index(root)
 
 
 def validate_data(data: dict[str, Any], path: Path) -> tuple[Pipeline | None, list[Problem]]:
@@ -229,6 +232,8 @@ def validate_data(data: dict[str, Any], path: Path) -> tuple[Pipeline | None, li
     parents = resolve_parents(config, problems)
     problems += find_cycles(parents)
     extra_inputs = resolve_extra_inputs(config, params, problems)
+    from slimline.models import check_model_source  # transformers loads only when a pipeline is validated
+
     model_problem = check_model_source(config.model, path.resolve().parent)
     if model_problem:
         problems.append(Problem(("model",), model_problem))
@@ -252,26 +257,6 @@ def check_release(release: ReleaseConfig, parents: dict[str, str]) -> list[Probl
     return problems
 
 
-def check_model_source(spec: str, base: Path) -> str | None:
-    """What is wrong with a built-in or local model source (hub ids are checked when fetched)."""
-    from slimline.models import BUILTIN_MODELS
-
-    if spec.startswith("builtin:"):
-        name = spec.removeprefix("builtin:")
-        return None if name in BUILTIN_MODELS else f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}"
-    if spec.startswith("hf:"):
-        return None
-    folder = Path(spec) if Path(spec).is_absolute() else base / spec
-    if folder.suffix == ".gguf":  # a GGUF file, converted into a checkpoint folder by resolve_model_source
-        return None if folder.is_file() else f"GGUF file {folder} does not exist"
-    if not (folder / "config.json").exists():
-        return (
-            f"expected 'builtin:<name>', 'hf:<org>/<name>', a checkpoint folder or a .gguf file; "
-            f"{folder} has no config.json"
-        )
-    return None
-
-
 def check_stages_against_model(
     config: PipelineConfig, params: dict[str, BaseModel], parents: dict[str, str], base: Path
 ) -> list[Problem]:
@@ -284,13 +269,30 @@ def check_stages_against_model(
     shapes = {INPUT_ID: shape}
     problems = []
     pipeline = Pipeline(config, params, parents, base)
+    indices = {stage.id: index for index, stage in enumerate(config.stages)}
     for stage_id in topological_order(pipeline):
-        index = [s.id for s in config.stages].index(stage_id)
-        found, shapes[stage_id] = stage_module(config.stages[index].kind).check_shape(
-            params[stage_id], shapes[parents[stage_id]]
+        index = indices[stage_id]
+        found, shapes[stage_id] = check_stage_shape(
+            config.stages[index].kind, params[stage_id], shapes[parents[stage_id]]
         )
         problems += [Problem(("stages", index, "params", *loc), message) for loc, message in found]
     return problems
+
+
+def check_stage_shape(kind: str, params: BaseModel, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
+    """A stage's ``check_shape``; an exception it raises becomes a problem naming the kind and architecture.
+
+    ``check_shape`` returns problems for what it recognises; anything it raises is a case it did not
+    foresee (an odd config field, say), which must read as a validation problem, never as a traceback.
+    """
+    try:
+        return stage_module(kind).check_shape(params, shape)
+    except Exception as error:  # a check_shape bug or an unforeseen config: reported, validation goes on
+        message = (
+            f"{kind} could not check this {shape.architecture}: {type(error).__name__}: {error} "
+            "(a gap in the stage's validation; please report it)"
+        )
+        return [((), message)], shape
 
 
 def validate_stage_params(config: PipelineConfig, problems: list[Problem]) -> dict[str, BaseModel]:
@@ -331,12 +333,12 @@ def resolve_parents(config: PipelineConfig, problems: list[Problem]) -> dict[str
 def resolve_extra_inputs(
     config: PipelineConfig, params: dict[str, BaseModel], problems: list[Problem]
 ) -> dict[str, list[str]]:
-    """Stages a stage reads besides its parent (its module's ``EXTRA_INPUTS`` params); each must come earlier."""
+    """Stages a stage reads besides its parent (the params its ``SPEC.extra_inputs`` names); each must come earlier."""
     extra: dict[str, list[str]] = {}
     earlier: list[str] = []
     for index, stage in enumerate(config.stages):
         if stage.id in params:
-            for name in getattr(stage_module(stage.kind), "EXTRA_INPUTS", ()):
+            for name in stage_spec(stage.kind).extra_inputs:
                 other = getattr(params[stage.id], name)
                 if other not in earlier:
                     problems.append(
@@ -365,19 +367,27 @@ def find_cycles(parents: dict[str, str]) -> list[Problem]:
 
 
 def topological_order(pipeline: Pipeline) -> list[str]:
-    """Stage ids, parents before children, otherwise in file order."""
+    """The order stages run in: parents (and extra inputs) first; of the stages ready to run, the first in the file.
+
+    Stages run one at a time: after each one, every stage whose inputs are all done is ready
+    (``graphlib.TopologicalSorter``), and the earliest of those in the file runs next, so the file's
+    order is kept wherever the graph allows it. Raises ``graphlib.CycleError`` on a cycle (validation
+    reports cycles before any caller gets here).
+    """
+    position = {stage.id: index for index, stage in enumerate(pipeline.config.stages)}
+    sorter: TopologicalSorter[str] = TopologicalSorter()
+    for stage_id in position:
+        needs = [pipeline.parents[stage_id], *pipeline.extra_inputs.get(stage_id, [])]
+        sorter.add(stage_id, *(need for need in needs if need != INPUT_ID))
+    sorter.prepare()
     order: list[str] = []
-
-    def visit(stage_id: str) -> None:
-        if stage_id == INPUT_ID or stage_id in order:
-            return
-        visit(pipeline.parents[stage_id])
-        for other in pipeline.extra_inputs.get(stage_id, []):
-            visit(other)
-        order.append(stage_id)
-
-    for stage in pipeline.config.stages:
-        visit(stage.id)
+    ready: set[str] = set()
+    while sorter.is_active():
+        ready.update(sorter.get_ready())
+        next_stage = min(ready, key=position.__getitem__)
+        ready.remove(next_stage)
+        order.append(next_stage)
+        sorter.done(next_stage)
     return order
 
 
@@ -387,7 +397,7 @@ def describe_error(error: dict[str, Any]) -> str:
         return "unknown field (check the spelling; see `slimline schema`)"
     if error["type"] == "missing":
         return "required field is missing"
-    return f"{error['msg']} (got {error.get('input')!r})"
+    return f"{error['msg']} (got {short_repr(error.get('input'))})"
 
 
 def format_problems(path: Path, problems: list[Problem], lines: dict[tuple, int]) -> str:
@@ -417,15 +427,20 @@ def line_of(loc: tuple[str | int, ...], lines: dict[tuple, int]) -> int:
 
 def yaml_line_index(text: str) -> dict[tuple, int]:
     """Map every key path in a YAML document to its 1-based line number."""
+    return node_line_index(load_yaml_bounded(text, MAX_YAML_DEPTH, MAX_YAML_NODES)[1])
+
+
+def node_line_index(root: yaml.Node | None) -> dict[tuple, int]:
+    """Map every key path under a composed YAML node to its 1-based line number (scalar keys only)."""
     index: dict[tuple, int] = {}
-    root = yaml.compose(text)
 
     def walk(node: yaml.Node, path: tuple) -> None:
         index.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
-                index[(*path, key.value)] = key.start_mark.line + 1
-                walk(value, (*path, key.value))
+                if isinstance(key, yaml.ScalarNode):
+                    index[(*path, key.value)] = key.start_mark.line + 1
+                    walk(value, (*path, key.value))
         elif isinstance(node, yaml.SequenceNode):
             for position, item in enumerate(node.value):
                 walk(item, (*path, position))
@@ -437,10 +452,14 @@ def yaml_line_index(text: str) -> dict[tuple, int]:
 
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply ``a.b.c=value`` (YAML value); a stage is addressed by id: ``stages.tuned.params.steps=10``."""
+    if len(override) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(f"override {override[:40]!r}...: longer than {MAX_OVERRIDE_CHARS:,} characters")
     key, sep, raw = override.partition("=")
     if not sep:
         raise ConfigError(f"override {override!r}: expected dotted.key=value")
     parts = key.split(".")
+    if len(parts) > MAX_YAML_DEPTH:
+        raise ConfigError(f"override {key[:40]!r}...: more than {MAX_YAML_DEPTH} dotted parts")
     target: Any = data
     for depth, part in enumerate(parts[:-1]):
         if isinstance(target, list):
@@ -452,7 +471,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             target = target.setdefault(part, {})
         if not isinstance(target, dict | list):
             raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is not a mapping")
-    target[parts[-1]] = yaml.safe_load(raw)
+    if isinstance(target, list):
+        raise ConfigError(f"override {override!r}: address a stage by its id, e.g. stages.<id>.params.<name>=value")
+    try:
+        target[parts[-1]] = load_yaml_bounded(raw, MAX_YAML_DEPTH, MAX_YAML_NODES)[0]
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override[:80]!r}: value {yaml_problem(error)}") from error
 
 
 def pipeline_json_schema() -> dict[str, Any]:

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from slimline.config import LocalData
 from slimline.errors import ConfigError
+from slimline.sources import LocalData
+from slimline.untrusted import UntrustedInputError, json_depth, read_bytes_bounded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 
 Split = Literal["train", "eval", "calibration", "all"]
 
+# Bounds on local data files (docs/stages.md, "Limits"): a longer line is refused with its file and number.
+MAX_DATA_LINE_BYTES = 16 * 1024 * 1024
+MAX_FOLDER_FILE_BYTES = 64 * 1024 * 1024  # one document of a {path: folder, glob: ...} source
+MAX_RECORD_DEPTH = 64  # JSON nesting of one jsonl record
+NUL = b"\0"
 # Per-mille shares of each split for sources that are split by hash.
 EVAL_PER_MILLE = 40
 CALIBRATION_PER_MILLE = 20
@@ -70,12 +76,19 @@ def stdlib_documents(split: Split) -> list[tuple[str, str]]:
 
 
 def read_folder_documents(folder: Path, pattern: str) -> list[tuple[str, str]]:
-    """(relative path, text) of every file under ``folder`` matching ``pattern``, one document each."""
-    docs = [
-        (path.relative_to(folder).as_posix(), path.read_bytes().decode("utf-8", errors="replace"))
-        for path in sorted(folder.glob(pattern))
-        if path.is_file()
-    ]
+    """(relative path, text) of every file under ``folder`` matching ``pattern``, one document each.
+
+    Each file is read with ``read_bytes_bounded`` (at most ``MAX_FOLDER_FILE_BYTES``); bytes that are
+    not UTF-8 become U+FFFD, as in the built-in corpus.
+    """
+    docs = []
+    for path in sorted(folder.glob(pattern)):
+        if path.is_file():
+            try:
+                data = read_bytes_bounded(path, MAX_FOLDER_FILE_BYTES, "data file")
+            except UntrustedInputError as error:
+                raise ConfigError(str(error)) from error
+            docs.append((path.relative_to(folder).as_posix(), data.decode("utf-8", errors="replace")))
     if not docs:
         raise ConfigError(f"data folder {folder} has no files matching {pattern!r}")
     return docs
@@ -85,19 +98,67 @@ def read_local_documents(path: Path, field: str | None, template: str | None = N
     """Documents from a local ``.txt`` (blank-line-separated blocks) or ``.jsonl`` (a field, or a template of fields)."""
     if not path.exists():
         raise ConfigError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise ConfigError(f"data file {path} is not a regular file")
+    lines = read_text_lines(path)
+    if not any(line.strip() for line in lines):
+        raise ConfigError(f"{path}: the data file is empty (no documents)")
     if path.suffix == ".jsonl":
         return [
             (f"{path.name}:{number}", record_text(record, field, template, f"{path}:{number}"))
-            for number, record in jsonl_records(text)
+            for number, record in jsonl_records(lines, path)
         ]
+    text = "".join(lines).replace("\r\n", "\n").replace("\r", "\n")
     blocks = [b for b in text.split("\n\n") if b.strip()]
     return [(f"{path.name}:{i}", block) for i, block in enumerate(blocks)]
 
 
-def jsonl_records(text: str) -> list[tuple[int, dict]]:
-    """(line number, record) of every non-empty line."""
-    return [(number, json.loads(line)) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a text file (ends kept), strictly UTF-8, none longer than ``MAX_DATA_LINE_BYTES``, no NUL bytes.
+
+    Read a line at a time with a bounded ``readline``, so a 1 GB file without line breaks costs at
+    most the bound in memory before it is refused; every refusal names the file, line and column.
+    """
+    lines = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(iter(lambda: handle.readline(MAX_DATA_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_DATA_LINE_BYTES:
+                raise ConfigError(
+                    f"{path}:{number}: a line longer than {MAX_DATA_LINE_BYTES:,} bytes; is it text with line breaks?"
+                )
+            if NUL in raw:
+                raise ConfigError(f"{path}:{number}:{raw.index(NUL) + 1}: a NUL byte; is it a binary file?")
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise ConfigError(
+                    f"{path}:{number}:{error.start + 1}: not UTF-8 text (byte 0x{raw[error.start]:02x}); "
+                    "is it a binary file?"
+                ) from error
+    return lines
+
+
+def jsonl_records(lines: list[str], path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line; each must be one JSON object, nested at most MAX_RECORD_DEPTH."""
+    return [
+        (number, parse_record(line, f"{path}:{number}")) for number, line in enumerate(lines, start=1) if line.strip()
+    ]
+
+
+def parse_record(line: str, where: str) -> dict:
+    """One jsonl line as a JSON object; ConfigError naming the line and column otherwise."""
+    depth = json_depth(line.encode("utf-8"))
+    if depth > MAX_RECORD_DEPTH:
+        raise ConfigError(f"{where}: JSON nested {depth} deep; records may nest at most {MAX_RECORD_DEPTH}")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{where}:{error.colno}: not valid JSON: {error.msg}") from error
+    except RecursionError as error:
+        raise ConfigError(f"{where}: JSON nested too deeply to parse") from error
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: expected one JSON object per line, got {type(record).__name__}")
+    return record
 
 
 def record_text(record: dict, field: str | None, template: str | None, where: str) -> str:
@@ -107,6 +168,8 @@ def record_text(record: dict, field: str | None, template: str | None, where: st
             return template.format(**record)
         except KeyError as error:
             raise ConfigError(f"{where}: template needs field {error} but the record has {sorted(record)}") from error
+        except (IndexError, ValueError, AttributeError, TypeError) as error:
+            raise ConfigError(f"{where}: the template cannot be filled from this record: {error}") from error
     key = field or "text"
     if key not in record:
         raise ConfigError(f"{where}: record has no field {key!r} (fields: {sorted(record)})")
@@ -173,7 +236,12 @@ def source_fingerprint(source: str | LocalData, base: Path) -> str:
         files = sorted(path.glob(source.glob)) if path.is_dir() else [path]
         digest = hashlib.sha256()
         for file in files:
-            digest.update(file.read_bytes() if file.is_file() else b"missing")
+            if not file.is_file():
+                digest.update(b"missing")
+                continue
+            with file.open("rb") as handle:  # in blocks: a data file may be larger than memory
+                for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                    digest.update(block)
         return f"{path}:{source.glob}:{source.field}:{source.template}:{source.split}:{digest.hexdigest()}"
     if source.startswith("builtin:stdlib"):
         # The corpus is this interpreter's stdlib: same Python version, same files.

@@ -59,7 +59,14 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read.
+
+    ``SLIMLINE_CPU_FLAGS`` (space-separated) replaces them: it shows what slimline would choose on
+    another kind of CPU (say ``avx2 fma`` for an AVX2-only one), for tests and for planning.
+    """
+    override = os.environ.get("SLIMLINE_CPU_FLAGS")
+    if override is not None:
+        return frozenset(override.split())
     for line in _cpuinfo_lines():
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
@@ -125,7 +132,7 @@ def decide_precision(
         return PrecisionChoice(requested, "fp32", f"this CPU has no AVX512-BF16 or AMX{measured}", bf16_slowdown)
     if bf16_slowdown is not None and bf16_slowdown > 1.0:
         return PrecisionChoice(requested, "fp32", f"native bf16 flags, but{measured}", bf16_slowdown)
-    return PrecisionChoice(requested, "bf16", f"native bf16 (AVX512-BF16/AMX){measured}", bf16_slowdown)
+    return PrecisionChoice(requested, "bf16", f"native bf16 (AVX512-BF16 or AMX){measured}", bf16_slowdown)
 
 
 def choose_precision(requested: Precision) -> PrecisionChoice:

@@ -1,7 +1,7 @@
 """Preflight: refuse up front what cannot run here, with the fix, before any work starts.
 
-Checks every stage's optional packages (``REQUIRES``), its device (``DEVICE == 'cuda'``) and
-the free disk space. A stage marked ``allow_skip: true`` that cannot run is skipped with the
+Checks every stage's optional packages (``SPEC.requires``), its other tools (``SPEC.missing_tools``),
+its device (``SPEC.device == 'cuda'``) and the free disk space. A stage marked ``allow_skip: true`` that cannot run is skipped with the
 reason instead of refusing the whole run.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from slimline.config import Pipeline
 from slimline.errors import PreflightError
-from slimline.registry import stage_module
+from slimline.registry import stage_spec
 
 # Extra copies of the input model a run may write per stage (weights, temporary folder).
 DISK_FACTOR_PER_STAGE = 2
@@ -23,19 +23,18 @@ DISK_FACTOR_PER_STAGE = 2
 
 def missing_requirements(kind: str) -> list[str]:
     """Why a stage kind cannot run here: missing packages or device (empty if it can)."""
-    module = stage_module(kind)
+    spec = stage_spec(kind)
     reasons = [
-        f"needs the '{package}' package (pip install 'slimline[{module.EXTRA}]')"
-        for package in module.REQUIRES
+        f"needs the '{package}' package (pip install 'slimline[{spec.extra}]')"
+        for package in spec.requires
         if importlib.util.find_spec(package) is None
     ]
-    tools_check = getattr(module, "missing_tools", None)  # needs beyond packages (llama.cpp's converter)
-    if tools_check is not None:
-        reasons += tools_check()
-    if module.DEVICE == "cuda" and not torch.cuda.is_available():
+    if spec.missing_tools is not None:  # needs beyond packages (llama.cpp's converter)
+        reasons += spec.missing_tools()
+    if spec.device == "cuda" and not torch.cuda.is_available():
         reasons.append("needs a CUDA GPU and none is visible")
-    if reasons and getattr(module, "SKIP_HINT", None):
-        reasons.append(module.SKIP_HINT)
+    if reasons and spec.skip_hint:
+        reasons.append(spec.skip_hint)
     return reasons
 
 

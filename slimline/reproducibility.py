@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from slimline.artifacts import write_json_atomic
+from slimline.artifacts import sha256_file, write_json_atomic
 from slimline.config import DataSource, Pipeline
 from slimline.data import load_texts, source_fingerprint
 
@@ -50,7 +50,11 @@ LIBRARIES = (
 
 
 def library_versions() -> dict[str, str]:
-    """Installed versions of ``LIBRARIES`` (absent optional ones are left out), read without importing them."""
+    """Installed versions of ``LIBRARIES`` (absent optional ones are left out), read without importing them.
+
+    The one source of versions: ``manifest.json`` records them for the run, and every artifact's
+    ``artifact.json`` for the libraries that made it.
+    """
     versions = {}
     for name in LIBRARIES:
         try:
@@ -98,11 +102,6 @@ def hardware() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "gpus": gpu_info(),
     }
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def documents_sha256(texts: list[str]) -> str:
@@ -164,7 +163,7 @@ def write_manifest(run_dir: Path, pipeline: Pipeline, splits: list[str]) -> dict
         "seed": pipeline.config.seed,
         "pipeline": {
             "path": str(pipeline.source),
-            "sha256": file_sha256(pipeline.source),
+            "sha256": sha256_file(pipeline.source),
             "config": pipeline.config.model_dump(mode="json", by_alias=True),
         },
         "model": pipeline.config.model,

@@ -9,6 +9,7 @@ Run folder layout::
       summary.json                 every stage's status and figures, and the release block
       manifest.json                seeds, library versions, hardware, data hashes (reproducibility)
       report.md, report.html       the comparison report: every artifact side by side, plots, gate
+      run.log                      the run's DEBUG log: tracebacks, and third-party output by stage id
 
 Caching: a stage's key hashes its kind, params, seed, the data it reads and its parent's key.
 A finished artifact with the same key is reused; a changed parameter changes that stage's key
@@ -29,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from pydantic import BaseModel
 
-from slimline import __version__
 from slimline.artifacts import (
     Artifact,
     find_reusable,
@@ -41,19 +43,20 @@ from slimline.artifacts import (
     remove_leftovers,
     write_json_atomic,
 )
-from slimline.config import INPUT_ID, DataSource, Pipeline, StageConfig, topological_order
+from slimline.config import INPUT_ID, DataSource, Pipeline, StageConfig, check_stage_shape, topological_order
 from slimline.data import load_texts, source_fingerprint, tokenize_stream
 from slimline.errors import StageError
 from slimline.evaluate import Evaluator
 from slimline.evaluate.backends import open_backend
 from slimline.evaluate.output_check import check_windows, floor_for, judge, measure_output
-from slimline.models import copy_tokenizer_files, load_tokenizer, resolve_model_source
+from slimline.models import checkpoint_shape, copy_tokenizer_files, load_tokenizer, resolve_model_source
 from slimline.preflight import run_preflight
 from slimline.progress import Progress
-from slimline.registry import stage_module
+from slimline.registry import stage_module, stage_spec
 from slimline.reports.comparison import write_run_reports
 from slimline.reports.stage import evaluation_key, read_report, write_stage_report
-from slimline.reproducibility import write_manifest
+from slimline.reproducibility import library_versions, write_manifest
+from slimline.runlog import RUN_LOG, captured_output, run_folder, run_log
 from slimline.stage import DataAccess, StageContext
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ class StageResult:
     reason: str = ""
     artifact: Artifact | None = None
     report: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
+    run_seconds: float = 0.0  # spent producing it in this run (0 when reused or skipped)
 
 
 @dataclass
@@ -93,7 +96,7 @@ class Runner:
         """Set up paths; nothing is loaded until ``run``."""
         self.pipeline = pipeline
         self.config = pipeline.config
-        self.run_dir = (run_dir or Path("runs") / self.config.name).resolve()
+        self.run_dir = run_folder(self.config.name, run_dir)
         self.progress = progress or Progress()
         self.base = pipeline.source.parent
         self.model_source = resolve_model_source(self.config.model, self.base)
@@ -101,7 +104,13 @@ class Runner:
         self.results: dict[str, StageResult] = {}
 
     def run(self) -> RunResult:
-        """Preflight, produce every artifact, evaluate and report each, write the summary."""
+        """Preflight, produce every artifact, evaluate and report each, write the summary; log into run.log."""
+        with run_log(self.run_dir / RUN_LOG):
+            log.debug("run %s: %s into %s", self.config.name, self.pipeline.source, self.run_dir)
+            return self.run_logged()
+
+    def run_logged(self) -> RunResult:
+        """``run``'s work, inside the run log."""
         started = time.perf_counter()
         skips = run_preflight(self.pipeline, self.run_dir, self.model_source)
         (self.run_dir / "stages").mkdir(parents=True, exist_ok=True)
@@ -111,6 +120,7 @@ class Runner:
         self.results[INPUT_ID] = self.produce_input()
         for stage_id in topological_order(self.pipeline):
             self.results[stage_id] = self.produce_stage(stage_id, skips.get(stage_id))
+            log_outcome(self.results[stage_id])
         evaluator = Evaluator(self.config.evaluate, self.data, self.results[INPUT_ID].artifact, self.progress)
         try:
             for stage_id, result in self.results.items():
@@ -164,25 +174,25 @@ class Runner:
         folder = self.stage_dir(stage_id)
         reused = find_reusable(folder, key)
         if reused:
-            log.info("%s: reusing the cached artifact", stage_id)
             problems = self.rejudge_output(stage, reused)
             if problems:
                 return StageResult(stage_id, stage.kind, "failed", reason=problems)
             return StageResult(stage_id, stage.kind, "reused", artifact=reused)
         started = time.perf_counter()
         try:
-            artifact = self.run_stage(stage_id, stage.kind, key, inputs, folder)
+            with captured_output(stage_id):  # gptqmodel's banner and layer tables, torchao's import lines, ...
+                artifact = self.run_stage(stage_id, stage.kind, key, inputs, folder)
         except Exception as error:  # a failed stage is reported; its siblings still run
-            log.error("%s failed: %s", stage_id, error)
-            log.debug("%s", traceback.format_exc())  # for --verbose and bug reports, not for the terminal
+            log.debug("%s failed:\n%s", stage_id, traceback.format_exc())  # into run.log, not onto the terminal
             return StageResult(stage_id, stage.kind, "failed", reason=f"{type(error).__name__}: {error}")
-        return StageResult(stage_id, stage.kind, "ran", artifact=artifact, seconds=time.perf_counter() - started)
+        return StageResult(stage_id, stage.kind, "ran", artifact=artifact, run_seconds=time.perf_counter() - started)
 
     def run_stage(self, stage_id: str, kind: str, key: str, inputs: list[Artifact], folder: Path) -> Artifact:
         """Run a stage into a temporary folder and publish it; the temporary folder goes on failure."""
         module = stage_module(kind)
         parent = inputs[0]
         params = self.pipeline.params[stage_id]
+        check_parent_shape(kind, params, parent)
         work = new_work_folder(folder)
         try:
             torch.manual_seed(self.config.seed)
@@ -193,7 +203,7 @@ class Runner:
             copy_tokenizer_files(parent.model_path, work)
             manifest = self.manifest(stage_id, kind, output.format, key, params.model_dump(mode="json"), inputs)
             manifest["stage_metrics"] = {**output.metrics, **ctx.records}
-            manifest["stage_seconds"] = round(seconds, 2)
+            manifest["produce_seconds"] = round(seconds, 2)
             if output.base_model_path is not None:
                 manifest["base_model_path"] = str(output.base_model_path)
             check = self.check_output(self.stage_config(stage_id), Artifact(work, manifest), parent)
@@ -223,7 +233,7 @@ class Runner:
             advance(1)
         check = {**figures, "min_top1_agreement": floor.min_top1_agreement, "max_kl": floor.max_kl}
         problems = judge(figures, floor)
-        log.info(
+        log.debug(
             "%s: output check vs parent: top-1 agreement %.3f, KL %.4f%s",
             stage.id,
             figures["top1_agreement"],
@@ -254,11 +264,11 @@ class Runner:
 
     def stage_key(self, stage_id: str, inputs: list[Artifact]) -> str:
         """Hash of everything that determines the stage's artifact."""
-        module = stage_module(self.stage_config(stage_id).kind)
-        data = {split: source_fingerprint(self.data_source(split), self.base) for split in module.DATA}
+        spec = stage_spec(self.stage_config(stage_id).kind)
+        data = {split: source_fingerprint(self.data_source(split), self.base) for split in spec.data}
         return hash_json(
             {
-                "kind": module.KIND,
+                "kind": spec.kind,
                 "params": self.pipeline.params[stage_id].model_dump(mode="json"),
                 "parent": inputs[0].key,
                 **({"extra_inputs": [artifact.key for artifact in inputs[1:]]} if len(inputs) > 1 else {}),
@@ -284,7 +294,7 @@ class Runner:
             "parents": [{"stage": p.manifest["stage"], "key": p.key, "path": str(p.path)} for p in parents],
             "seed": self.config.seed,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "versions": library_versions(),
+            "versions": {"python": platform.python_version(), **library_versions()},
         }
 
     # --- data ----------------------------------------------------------------------------
@@ -296,7 +306,7 @@ class Runner:
 
     def splits_read(self) -> list[str]:
         """The data splits the pipeline's stages read (evaluation reads ``eval`` besides)."""
-        return sorted({split for stage in self.config.stages for split in stage_module(stage.kind).DATA})
+        return sorted({split for stage in self.config.stages for split in stage_spec(stage.kind).data})
 
     def load_stream(self, split: str) -> torch.Tensor:
         """Tokenize a split with the input model's tokenizer."""
@@ -308,10 +318,11 @@ class Runner:
     def evaluate_or_fail(self, stage_id: str, result: StageResult, evaluator: Evaluator) -> None:
         """Evaluate and report one artifact; a failure marks that artifact failed and the run goes on."""
         try:
-            self.evaluate_and_report(stage_id, result, evaluator)
+            with captured_output(f"{stage_id} evaluation"):  # loading a GPTQ checkpoint imports gptqmodel, ...
+                self.evaluate_and_report(stage_id, result, evaluator)
         except Exception as error:  # one artifact's broken evaluation must not lose the others' reports
             log.error("%s: evaluation failed: %s", stage_id, error)
-            log.debug("%s", traceback.format_exc())
+            log.debug("%s: evaluation failed:\n%s", stage_id, traceback.format_exc())
             result.status = "failed"
             result.reason = f"evaluation failed: {type(error).__name__}: {error}"
             result.report = write_stage_report(self.stage_dir(stage_id), self.report_fields(stage_id, result), {})
@@ -352,9 +363,47 @@ class Runner:
             "params": manifest.get("params", stage.params if stage else {}),
             "format": manifest.get("format"),
             "stage_metrics": manifest.get("stage_metrics", {}),
-            "stage_seconds": manifest.get("stage_seconds", 0.0),
+            # the artifact's production time (manifests written before the rename call it stage_seconds)
+            "produce_seconds": manifest.get("produce_seconds", manifest.get("stage_seconds")),
             "artifact": str(result.artifact.path) if result.artifact else None,
         }
+
+
+def check_parent_shape(kind: str, params: BaseModel, parent: Artifact) -> None:
+    """The stage's ``check_shape`` on the real parent (validation checked a predicted shape); StageError if it fails.
+
+    Artifacts without an HF ``config.json`` (a peft adapter, a GGUF file) have no shape to check: the
+    stage's own input checks refuse what it cannot read.
+    """
+    if not (parent.model_path / "config.json").is_file():
+        return
+    try:
+        shape = checkpoint_shape(parent.model_path)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, StrictDataclassError) as error:
+        raise StageError(
+            f"cannot read the shape of {parent.manifest['stage']!r} ({parent.model_path}): {error}"
+        ) from error
+    problems, _ = check_stage_shape(kind, params, shape)
+    if problems:
+        found = "; ".join(f"{'.'.join(map(str, loc)) or 'input'}: {message}" for loc, message in problems)
+        raise StageError(f"the input {parent.manifest['stage']!r} does not fit {kind}: {found}")
+
+
+def log_outcome(result: StageResult) -> None:
+    """The one terminal line per stage: how it ended, in how long, and its output check's figures."""
+    label = f"{result.stage_id} ({result.kind})"
+    if result.status == "failed":
+        log.error("%s failed: %s (details in %s)", label, result.reason, RUN_LOG)
+    elif result.status == "skipped":
+        log.info("%s skipped: %s", label, result.reason)
+    elif result.status == "reused":
+        log.info("%s: reused the cached artifact", label)
+    else:
+        check = result.artifact.manifest.get("stage_metrics", {}).get("output_check") if result.artifact else None
+        figures = (
+            f"; output check: top-1 agreement {check['top1_agreement']:.3f}, KL {check['kl']:.4f}" if check else ""
+        )
+        log.info("%s: ran in %.1fs%s", label, result.run_seconds, figures)
 
 
 def model_context(artifact: Artifact) -> int | None:
@@ -365,21 +414,6 @@ def model_context(artifact: Artifact) -> int | None:
     from transformers import AutoConfig
 
     return getattr(AutoConfig.from_pretrained(artifact.model_path), "max_position_embeddings", None)
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape an artifact."""
-    import transformers
-
-    versions = {"slimline": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    versions["transformers"] = transformers.__version__
-    try:
-        import peft
-
-        versions["peft"] = peft.__version__
-    except ImportError:
-        pass
-    return versions
 
 
 def summarize(outcome: RunResult, pipeline: Pipeline) -> dict[str, Any]:
@@ -400,9 +434,11 @@ def summarize(outcome: RunResult, pipeline: Pipeline) -> dict[str, Any]:
                 "params": report.get("params", {}),
                 "metrics": report.get("metrics", {}),
                 "deltas": report.get("deltas", {}),
-                "stage_seconds": round(result.seconds, 2),  # spent in this run (0 when reused)
-                "produce_seconds": report.get("stage_seconds"),  # the artifact's own production time
-                "evaluate_seconds": report.get("evaluate_seconds"),
+                "run_seconds": round(result.run_seconds, 2),  # spent producing it in this run (0 when reused)
+                "produce_seconds": report.get(
+                    "produce_seconds"
+                ),  # the artifact's own production time, when it was made
+                "evaluate_seconds": report.get("evaluate_seconds"),  # its latest evaluation
             }
         )
     release = pipeline.config.release

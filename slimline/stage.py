@@ -11,18 +11,60 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from slimline.progress import Progress
+
+if TYPE_CHECKING:  # annotations only: the registry imports this module, and listing stages loads no torch
+    import torch
 
 
 class StageParams(BaseModel):
     """Base of every stage's ``Params``: frozen, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Device = Literal["cpu", "any", "cuda"]
+DEVICES = ("cpu", "any", "cuda")
+# The data splits a stage may read through ``ctx.data.stream(split)``.
+SPLITS = ("train", "eval", "calibration")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the rest of slimline needs to know about a stage kind besides its params, in one place.
+
+    Every stage module defines ``SPEC = StageSpec(...)`` next to ``Params``, ``check_shape`` and
+    ``run``; the registry checks all four when it imports the module. The first five fields have no
+    default, so a spec that forgets one fails where it is written.
+    """
+
+    kind: str  # equal to the YAML ``kind``
+    requires: tuple[str, ...]  # import names of the optional packages ``run`` needs (checked by preflight)
+    extra: str | None  # the pip extra that brings ``requires`` (``slimline[<extra>]``); None when it is empty
+    device: Device  # 'cpu' (runs on the CPU), 'any' (CPU or GPU) or 'cuda' (needs a CUDA GPU)
+    data: tuple[str, ...]  # the splits the stage reads; part of its cache key
+    # Params fields naming other stages whose artifacts ``run`` reads after its parent (serve's draft).
+    extra_inputs: tuple[str, ...] = ()
+    skip_hint: str = ""  # added to preflight's reasons when the stage cannot run here (what to use instead)
+    # Preflight check for needs beyond packages (llama.cpp's converter): the reasons it cannot run, or [].
+    missing_tools: Callable[[], list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a spec that contradicts itself (raised at import of the stage module)."""
+        if self.device not in DEVICES:
+            raise ValueError(f"StageSpec {self.kind!r}: device {self.device!r} is not one of {DEVICES}")
+        unknown = sorted(set(self.data) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"StageSpec {self.kind!r}: data splits {unknown} are not among {SPLITS}")
+        if bool(self.requires) != (self.extra is not None):
+            raise ValueError(
+                f"StageSpec {self.kind!r}: extra names the pip extra of the optional packages in requires; "
+                f"got requires={self.requires} with extra={self.extra!r}"
+            )
 
 
 @dataclass

@@ -1,12 +1,10 @@
 """A stage kind for tests whose backend package is not installed anywhere."""
 
-from slimline.stage import StageParams, same_shape
+from slimline.stage import StageParams, StageSpec, same_shape
 
-KIND = "test.missing-backend"
-REQUIRES = ("slimline_no_such_backend",)
-EXTRA = "gpu"
-DEVICE = "cuda"
-DATA = ()
+SPEC = StageSpec(
+    kind="test.missing-backend", requires=("slimline_no_such_backend",), extra="gpu", device="cuda", data=()
+)
 check_shape = same_shape
 
 

@@ -1,14 +1,12 @@
 """A stage kind for tests: quantize.ptq with a sabotaged weight scale, the kind of bug the output check exists for."""
 
+from dataclasses import replace
+
 from safetensors.torch import load_file, save_file
 
 from slimline.quantize import ptq
 
-KIND = "test.sabotaged-int8"
-REQUIRES = ptq.REQUIRES
-EXTRA = ptq.EXTRA
-DEVICE = ptq.DEVICE
-DATA = ptq.DATA
+SPEC = replace(ptq.SPEC, kind="test.sabotaged-int8")
 Params = ptq.Params
 check_shape = ptq.check_shape
 

@@ -158,3 +158,56 @@ def test_schema_lists_kinds_and_their_params() -> None:
     lora = next(b for b in stage["allOf"] if b["if"]["properties"]["kind"]["const"] == "lora")
     assert "rank" in lora["then"]["properties"]["params"]["properties"]
     assert schema["additionalProperties"] is False
+
+
+# --- stage order and the stages' own shape checks -----------------------------------------------------
+
+
+def stage_list(*stages: str) -> str:
+    return "name: order\nmodel: builtin:stdlib-coder\nstages:\n" + "".join(stages)
+
+
+def magnitude(stage_id: str, parent: str | None = None) -> str:
+    source = f"    from: {parent}\n" if parent else ""
+    return f"  - id: {stage_id}\n    kind: prune.magnitude\n{source}"
+
+
+@pytest.mark.parametrize(
+    ("stages", "order"),
+    [
+        # a chain in file order runs in file order
+        ((magnitude("a"), magnitude("b"), magnitude("c")), ["a", "b", "c"]),
+        # a stage that reads a later one waits for it, then runs as soon as it is ready (before later siblings)
+        ((magnitude("a", "b"), magnitude("b", "input"), magnitude("c", "input")), ["b", "a", "c"]),
+        # siblings ready at the same time keep the file's order
+        ((magnitude("x", "input"), magnitude("y", "input"), magnitude("z", "x")), ["x", "y", "z"]),
+    ],
+)
+def test_stages_run_parents_first_and_otherwise_in_file_order(
+    stages: tuple[str, ...], order: list[str], tmp_path: Path
+) -> None:
+    assert topological_order(load_pipeline(write(tmp_path, stage_list(*stages)))) == order
+
+
+def test_a_serve_stage_runs_after_its_draft(tmp_path: Path) -> None:
+    text = stage_list(
+        magnitude("draft"), "  - id: pair\n    kind: serve\n    from: input\n    params: {draft: draft}\n"
+    )
+    pipeline = load_pipeline(write(tmp_path, text))
+    assert pipeline.extra_inputs == {"pair": ["draft"]} and topological_order(pipeline) == ["draft", "pair"]
+
+
+def test_a_check_shape_that_raises_becomes_a_problem_naming_stage_kind_and_architecture(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slimline.prune import magnitude as module
+
+    def broken_check(params, shape):
+        raise KeyError("n_inner")
+
+    monkeypatch.setattr(module, "check_shape", broken_check)
+    with pytest.raises(ConfigError) as caught:
+        load_pipeline(write(tmp_path, stage_list(magnitude("first"))))
+    message = str(caught.value)
+    assert "stages[0].params" in message and "prune.magnitude" in message and "LlamaForCausalLM" in message
+    assert "KeyError: 'n_inner'" in message and "Traceback" not in message

@@ -66,3 +66,19 @@ def test_choice_on_this_machine_is_cached_and_recorded(tmp_path, monkeypatch) ->
     assert choice.as_record()["chosen"] in ("bf16", "fp32")
     # bf16 is chosen only where it was measured no slower than float32
     assert choice.chosen == "fp32" or choice.bf16_slowdown <= 1.0
+
+
+@pytest.mark.stage
+def test_lora_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_why(tiny_model, tmp_path, monkeypatch) -> None:
+    from slimline.config import load_pipeline
+    from slimline.runner import Runner
+    from tests.conftest import write_pipeline
+
+    monkeypatch.setenv("SLIMLINE_CPU_FLAGS", " ".join(sorted(AVX2_ONLY_EPYC)))
+    monkeypatch.setenv("SLIMLINE_CACHE", str(tmp_path / "cache"))
+    stages = "  - id: tuned\n    kind: lora\n    params: {rank: 2, steps: 2, batch_size: 2, sequence_length: 32}\n"
+    outcome = Runner(load_pipeline(write_pipeline(tmp_path, tiny_model, stages)), tmp_path / "run").run()
+    assert outcome.ok
+    precision = next(r for r in outcome.results if r.stage_id == "tuned").report["stage_metrics"]["precision"]
+    assert precision["requested"] == "auto" and precision["chosen"] == "fp32"
+    assert "no AVX512-BF16 or AMX" in precision["reason"]

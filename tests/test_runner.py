@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from slimline.artifacts import read_artifact, verify_files
+from slimline import registry
+from slimline.artifacts import Artifact, read_artifact, verify_files
 from slimline.config import load_pipeline
-from slimline.runner import Runner
+from slimline.errors import StageError
+from slimline.finetune import lora
+from slimline.runner import Runner, check_parent_shape
+from slimline.stage import StageParams, StageSpec, same_shape
 from tests.conftest import write_pipeline
 
 pytestmark = pytest.mark.stage
@@ -94,6 +101,18 @@ def test_changed_evaluation_settings_remeasure_without_rerunning(first_run: tupl
     assert all(r.report["metrics"]["accuracy"]["scored_tokens"] == 128 for r in outcome.results)
 
 
+def test_time_fields_say_whose_time_they_are(first_run: tuple[Path, Path, dict[str, str]]) -> None:
+    path, run_dir, _ = first_run
+    run(path, run_dir)  # everything reused: no time spent producing in this run
+    rows = {row["stage"]: row for row in json.loads((run_dir / "summary.json").read_text())["stages"]}
+    manifest = read_artifact(run_dir / "stages" / "sparse").manifest
+    report = json.loads((run_dir / "stages" / "sparse" / "report.json").read_text())
+    assert rows["sparse"]["run_seconds"] == 0
+    assert rows["sparse"]["produce_seconds"] == report["produce_seconds"] == manifest["produce_seconds"] > 0
+    assert "stage_seconds" not in rows["sparse"] and "stage_seconds" not in report
+    assert "**Time:** to produce" in (run_dir / "stages" / "sparse" / "report.md").read_text()
+
+
 def test_tampered_artifact_is_rebuilt(first_run: tuple[Path, Path, dict[str, str]]) -> None:
     path, run_dir, _ = first_run
     (run_dir / "stages" / "half" / "model.safetensors").write_bytes(b"corrupt")
@@ -122,3 +141,53 @@ def test_failed_stage_is_reported_and_dependents_skipped(tiny_model: Path, tmp_p
     assert not (tmp_path / "run" / "stages" / "broken" / "artifact.json").exists()
     report = json.loads((tmp_path / "run" / "stages" / "broken" / "report.json").read_text())
     assert report["status"] == "failed" and "not a multiple of m=3" in report["reason"]
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "broken failed:\nTraceback (most recent call last)" in log and "not a multiple of m=3" in log
+
+
+class NoParams(StageParams):
+    """No params."""
+
+
+def noisy_run(params, inputs, ctx):
+    """A stage that talks like gptqmodel (print, raw descriptor writes) and then fails."""
+    print("LIBRARY BANNER from print")  # noqa: T201
+    sys.stdout.flush()
+    os.write(2, b"LIBRARY LAYER TABLE from fd 2\n")
+    raise RuntimeError("the library gave up")
+
+
+@pytest.fixture
+def noisy_kind(monkeypatch: pytest.MonkeyPatch) -> str:
+    module = ModuleType("tests.noisy_stage")
+    module.__dict__.update(
+        SPEC=StageSpec(kind="test.noisy", requires=(), extra=None, device="cpu", data=()),
+        Params=NoParams,
+        check_shape=same_shape,
+        run=noisy_run,
+    )
+    monkeypatch.setitem(sys.modules, "tests.noisy_stage", module)
+    monkeypatch.setitem(registry.STAGES, "test.noisy", "tests.noisy_stage")
+    return "test.noisy"
+
+
+def test_third_party_output_and_the_traceback_go_to_the_run_log_only(
+    tiny_model: Path, tmp_path: Path, noisy_kind: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    pipeline = load_pipeline(write_pipeline(tmp_path, tiny_model, f"  - id: loud\n    kind: {noisy_kind}\n"))
+    with capfd.disabled():  # real descriptors, as under `slimline run`
+        outcome = Runner(pipeline, tmp_path / "run").run()
+    assert {r.stage_id: r.status for r in outcome.results}["loud"] == "failed"
+    terminal = capfd.readouterr()
+    assert "LIBRARY" not in terminal.out + terminal.err
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "[loud] LIBRARY BANNER from print" in log and "[loud] LIBRARY LAYER TABLE from fd 2" in log
+    assert "loud failed:\nTraceback (most recent call last)" in log and "RuntimeError: the library gave up" in log
+
+
+@pytest.mark.unit
+def test_check_shape_runs_on_the_real_parent_before_the_stage(tiny_model: Path) -> None:
+    parent = Artifact(tiny_model, {"stage": "input", "format": "source", "model_path": str(tiny_model)})
+    check_parent_shape("lora", lora.Params(), parent)  # the tiny Llama has every default target
+    with pytest.raises(StageError, match=r"does not fit lora: target_modules: \['qkv'\] match no linear layer"):
+        check_parent_shape("lora", lora.Params(target_modules=["qkv"]), parent)

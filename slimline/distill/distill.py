@@ -24,21 +24,16 @@ import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimline.artifacts import Artifact, require_full_model
+from slimline.artifacts import Artifact
 from slimline.distill.student import build_student, student_config
-from slimline.errors import StageError
 from slimline.evaluate.accuracy import token_windows
-from slimline.models import count_parameters, load_causal_lm, save_causal_lm, stored_dtype
-from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.models import count_parameters, load_parent_model, save_like_parent
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 from slimline.training import TrainSettings, train_steps
 
 log = logging.getLogger(__name__)
 
-KIND = "distill"
-REQUIRES: tuple[str, ...] = ()
-EXTRA = "dev"
-DEVICE = "cpu"
-DATA = ("train", "eval")
+SPEC = StageSpec(kind="distill", requires=(), extra=None, device="cpu", data=("train", "eval"))
 
 # Held-out tokens on which the stage measures the student's top-1 agreement with its teacher.
 AGREEMENT_TOKENS = 4096
@@ -172,11 +167,7 @@ def student_shape(teacher_config: Any, spec: StudentSpec) -> dict[str, Any]:
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Build the student, distill it on the train split, save it with the teacher's tokenizer."""
     parent = inputs[0]
-    require_full_model(parent, KIND)
-    teacher = load_causal_lm(parent.model_path)
-    problems = student_problems(teacher.config.num_hidden_layers, teacher.config.hidden_size, params.student)
-    if problems:
-        raise StageError(problems[0][1])
+    teacher = load_parent_model(parent, SPEC.kind)
     spec = params.student
     config = student_config(teacher.config, spec.layers, spec.hidden_size, spec.intermediate_size, spec.attention_heads)
     student = build_student(teacher, config, init_from_teacher=spec.init == "teacher")
@@ -189,7 +180,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     pair = DistillationPair(student, teacher, LossWeights(params.temperature, params.alpha, params.hidden_weight))
     losses = train_steps(pair, ctx.data.stream("train"), params, ctx, loss_fn=distillation_loss)
     agreement = top1_agreement(student, teacher, ctx.data.stream("eval"), params.sequence_length)
-    save_causal_lm(student, ctx.work_dir, stored_dtype(parent.model_path))
+    save_like_parent(student, ctx.work_dir, parent)
     return StageOutput(
         format="hf",
         metrics={

@@ -43,10 +43,6 @@ class CacheLayout:
         """Output names of the updated cache, in the same order."""
         return [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
 
-    def empty_past(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-        """A zero-length cache to start a sequence from."""
-        return [torch.zeros(batch, self.kv_heads, 0, self.head_dim, dtype=dtype) for _ in range(2 * self.layers)]
-
 
 INPUT_NAMES = ["input_ids", "attention_mask", "position_ids"]
 

@@ -5,12 +5,14 @@ tensor one range. Real checkpoints have outlier tokens (the first token's massiv
 and one range per tensor then leaves every other token a handful of levels: SmolLM2-135M lost
 all accuracy that way. Here each MatMul whose weight is a constant becomes
 
-    q = clip(round(x / s) - r, -128, 127)      per token: s = (max - min) / 255, r = round(min / s) + 128
-    y = s * w_scale * (MatMulInteger(q, Wq) + r * sum_k Wq[k, :])
+    u = clip(round(x / s) - r, 0, 255)      per token: s = (max - min) / 255, r = round(min / s)
+    y = s * w_scale * (MatMulInteger(u, Wq) + r * sum_k Wq[k, :])
 
 with int8 weights per output channel (symmetric; 7-bit where the CPU lacks VNNI, so that
-int8 x int8 pairs summed in 16 bits cannot saturate). MatMuls that read the same input share one
-quantization of it. The arithmetic is the torch path's (``quantize/int8.py``), op for op.
+uint8 x int8 pairs summed in 16 bits cannot saturate). Activations are uint8 because ONNX Runtime's
+optimised integer kernels are uint8 x int8 (its int8 x int8 path measured 3x slower). MatMuls that
+read the same input share one quantization of it. The arithmetic is the torch path's
+(``quantize/int8.py``, whose int8 values are these minus 128), so both give the same numbers.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QuantizedInput:
-    """Names of one activation's per-token quantization: int8 values, scale and offset."""
+    """Names of one activation's per-token quantization: uint8 values, scale and offset."""
 
     values: str
     scale: str
@@ -58,8 +60,8 @@ def quantize_graph_per_token(model, per_channel: bool, weight_bits: int, skip: t
 
     graph = model.graph
     weights = constant_weights(graph)
-    shared = {"one_over_255": np.array(1 / 255, np.float32), "int8_offset": np.array(128, np.float32)}
-    shared |= {"int8_min": np.array(-128, np.float32), "int8_max": np.array(127, np.float32)}
+    shared = {"one_over_255": np.array(1 / 255, np.float32)}
+    shared |= {"uint8_min": np.array(0, np.float32), "uint8_max": np.array(255, np.float32)}
     shared |= {"tiny": np.array(1e-12, np.float32), "last_axis": np.array([-1], np.int64)}
     graph.initializer.extend(numpy_helper.from_array(value, f"q8/{name}") for name, value in shared.items())
     quantized_inputs: dict[str, QuantizedInput] = {}
@@ -105,13 +107,12 @@ def activation_nodes(source: str, q: QuantizedInput) -> list:
         make("Mul", [f"{n}/range", "q8/one_over_255"], [f"{n}/scale_raw"]),
         make("Max", [f"{n}/scale_raw", "q8/tiny"], [q.scale]),  # a constant row: any scale, not zero
         make("Div", [f"{n}/min", q.scale], [f"{n}/min_steps"]),
-        make("Round", [f"{n}/min_steps"], [f"{n}/min_rounded"]),
-        make("Add", [f"{n}/min_rounded", "q8/int8_offset"], [q.offset]),
+        make("Round", [f"{n}/min_steps"], [q.offset]),
         make("Div", [source, q.scale], [f"{n}/steps"]),
         make("Round", [f"{n}/steps"], [f"{n}/rounded"]),
         make("Sub", [f"{n}/rounded", q.offset], [f"{n}/shifted"]),
-        make("Clip", [f"{n}/shifted", "q8/int8_min", "q8/int8_max"], [f"{n}/clipped"]),
-        make("Cast", [f"{n}/clipped"], [q.values], to=TensorProto.INT8),
+        make("Clip", [f"{n}/shifted", "q8/uint8_min", "q8/uint8_max"], [f"{n}/clipped"]),
+        make("Cast", [f"{n}/clipped"], [q.values], to=TensorProto.UINT8),
     ]
 
 

@@ -26,22 +26,24 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from slimline.artifacts import Artifact, require_full_model
+from slimline.artifacts import Artifact
 from slimline.errors import StageError
 from slimline.evaluate.backends.onnx_backend import MODEL_FILE, OnnxSequence, open_session
 from slimline.export.decoder_graph import CacheLayout, export_decoder
 from slimline.export.int8_graph import quantize_graph_per_token
 from slimline.hardware import cpu_flags, has_vnni, safe_int8_weight_bits
-from slimline.models import load_causal_lm
-from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.models import load_parent_model
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 
 log = logging.getLogger(__name__)
 
-KIND = "export.onnx"
-REQUIRES: tuple[str, ...] = ("onnx", "onnxscript", "onnxruntime")
-EXTRA = "onnx"
-DEVICE = "any"
-DATA: tuple[str, ...] = ("calibration",)
+SPEC = StageSpec(
+    kind="export.onnx",
+    requires=("onnx", "onnxscript", "onnxruntime"),
+    extra="onnx",
+    device="any",
+    data=("calibration",),
+)
 
 # Protobuf cannot hold a file over 2 GB: larger weights go to an external data file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -112,8 +114,7 @@ def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, Model
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Export, optimise, quantise, check against PyTorch, and leave model.onnx in the work folder."""
     parent = inputs[0]
-    require_full_model(parent, KIND)
-    model = load_causal_lm(parent.model_path)
+    model = load_parent_model(parent, SPEC.kind)
     layout = CacheLayout.of(model.config)
     weight_bytes = sum(p.numel() for p in model.parameters()) * 4
     external = params.external_data == "always" or (

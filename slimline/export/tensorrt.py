@@ -30,16 +30,18 @@ from pydantic import Field, model_validator
 from slimline.artifacts import Artifact
 from slimline.errors import StageError
 from slimline.evaluate.backends.onnx_backend import MODEL_FILE
-from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 
 log = logging.getLogger(__name__)
 
-KIND = "export.tensorrt"
-REQUIRES: tuple[str, ...] = ("tensorrt",)
-EXTRA = "tensorrt"
-DEVICE = "cuda"
-DATA: tuple[str, ...] = ()
-SKIP_HINT = "on a GPU without TensorRT, export.onnx with precision: fp16 runs on ONNX Runtime's CUDA provider"
+SPEC = StageSpec(
+    kind="export.tensorrt",
+    requires=("tensorrt",),
+    extra="tensorrt",
+    device="cuda",
+    data=(),
+    skip_hint="on a GPU without TensorRT, export.onnx with precision: fp16 runs on ONNX Runtime's CUDA provider",
+)
 
 ENGINE_FILE = "model.plan"
 ENGINE_INFO = "engine.json"
@@ -88,11 +90,11 @@ def check_parent(parent: Artifact) -> None:
     """TensorRT builds FP16 from an fp32, unquantised ONNX graph."""
     if parent.format != "onnx":
         raise StageError(
-            f"{KIND} needs an export.onnx artifact as input; {parent.manifest['stage']!r} is {parent.format!r}"
+            f"{SPEC.kind} needs an export.onnx artifact as input; {parent.manifest['stage']!r} is {parent.format!r}"
         )
     params = parent.manifest.get("params", {})
     if params.get("precision", "fp32") != "fp32" or params.get("quantize", "none") != "none":
-        raise StageError(f"{KIND} needs an fp32, unquantised ONNX graph (TensorRT picks FP16 kernels itself)")
+        raise StageError(f"{SPEC.kind} needs an fp32, unquantised ONNX graph (TensorRT picks FP16 kernels itself)")
 
 
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:

@@ -20,19 +20,15 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from slimline.artifacts import Artifact, require_full_model
-from slimline.errors import StageError
-from slimline.models import count_parameters, linear_layer_names, load_causal_lm, save_causal_lm, stored_dtype
-from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.artifacts import Artifact
+from slimline.models import count_parameters, load_parent_model, save_like_parent
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 from slimline.training import TrainSettings, train_steps
 
 log = logging.getLogger(__name__)
 
-KIND = "lora"
-REQUIRES = ("peft",)
-EXTRA = "dev"
-DEVICE = "cpu"
-DATA = ("train", "eval")
+# peft is a core dependency; QLoRA's bitsandbytes is checked by Params (the 'qlora' extra).
+SPEC = StageSpec(kind="lora", requires=(), extra=None, device="cpu", data=("train", "eval"))
 # Held-out tokens on which a merged model is checked against adapter + base.
 MERGE_CHECK_TOKENS = 128
 
@@ -101,9 +97,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     from peft import LoraConfig, get_peft_model
 
     parent = inputs[0]
-    require_full_model(parent, KIND)
     model = load_base(parent, params.quantize_base)
-    check_target_modules(model, params.target_modules)
     config = LoraConfig(
         r=params.rank,
         lora_alpha=params.alpha,
@@ -119,9 +113,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     peft_model.eval()
     metrics: dict[str, object] = {}
     if params.merge and params.quantize_base == "nf4":
-        save_causal_lm(
-            merge_into_full_precision(peft_model, config, parent), ctx.work_dir, stored_dtype(parent.model_path)
-        )
+        save_like_parent(merge_into_full_precision(peft_model, config, parent), ctx.work_dir, parent)
     elif params.merge:
         probe = ctx.data.stream("eval")[None, :MERGE_CHECK_TOKENS]
         with torch.inference_mode():
@@ -129,7 +121,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
             merged = peft_model.merge_and_unload()
             # Merging must not change the function: checked in float32, before saving in the parent's dtype.
             metrics["merge_max_logit_difference"] = (merged(input_ids=probe).logits - adapter_logits).abs().max().item()
-        save_causal_lm(merged, ctx.work_dir, stored_dtype(parent.model_path))
+        save_like_parent(merged, ctx.work_dir, parent)
     else:
         peft_model.save_pretrained(ctx.work_dir, safe_serialization=True)
     return StageOutput(
@@ -148,7 +140,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
 def load_base(parent: Artifact, quantize_base: str) -> torch.nn.Module:
     """The model to adapt: full precision, or NF4-quantized and prepared for k-bit training (QLoRA)."""
     if quantize_base == "none":
-        return load_causal_lm(parent.model_path)
+        return load_parent_model(parent, SPEC.kind)
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
@@ -158,7 +150,7 @@ def load_base(parent: Artifact, quantize_base: str) -> torch.nn.Module:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    model = load_causal_lm(parent.model_path, quantization_config=quantization)
+    model = load_parent_model(parent, SPEC.kind, quantization_config=quantization)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
@@ -167,15 +159,6 @@ def merge_into_full_precision(peft_model: torch.nn.Module, config: object, paren
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     adapter = get_peft_model_state_dict(peft_model)
-    full = get_peft_model(load_causal_lm(parent.model_path), config)
+    full = get_peft_model(load_parent_model(parent, SPEC.kind), config)
     set_peft_model_state_dict(full, adapter)
     return full.merge_and_unload()
-
-
-def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
-    """Fail loudly when a target names no module of this model."""
-    names = linear_layer_names(model)
-    unknown = sorted(set(targets) - names)
-    if unknown:
-        architecture = type(model).__name__
-        raise StageError(f"target_modules {unknown_targets_message(architecture, unknown, names)}")

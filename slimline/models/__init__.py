@@ -15,11 +15,20 @@ from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from slimline.errors import ConfigError
+from slimline.artifacts import Artifact, require_full_model
+from slimline.errors import ArtifactError, ConfigError
+from slimline.models.checkpoint_checks import (
+    config_size_problem,
+    read_model_config,
+    tokenizer_problem,
+    weights_problem,
+)
 from slimline.stage import ModelShape
+from slimline.untrusted import UntrustedInputError
 
 BUILTIN_MODELS = {"stdlib-coder": Path(__file__).parent / "stdlib_coder"}
 TOKENIZER_FILES = (
@@ -33,10 +42,30 @@ TOKENIZER_FILES = (
 )
 
 
+def check_model_source(spec: str, base: Path) -> str | None:
+    """What is wrong with a built-in or local model source (hub ids are checked when fetched)."""
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        return None if name in BUILTIN_MODELS else f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}"
+    if spec.startswith("hf:"):
+        return None
+    try:
+        folder = Path(spec) if Path(spec).is_absolute() else base / spec
+        if folder.suffix == ".gguf":  # a GGUF file, converted into a checkpoint folder by resolve_model_source
+            return None if folder.is_file() else f"GGUF file {folder} does not exist"
+        has_config = (folder / "config.json").is_file()
+    except (OSError, ValueError) as error:  # a path the OS cannot look up: too long, a NUL byte
+        return f"not a usable path ({error})"
+    if not has_config:
+        return (
+            f"expected 'builtin:<name>', 'hf:<org>/<name>', a checkpoint folder or a .gguf file; "
+            f"{folder} has no config.json"
+        )
+    return None
+
+
 def resolve_model_source(spec: str, base: Path) -> Path:
     """The local folder holding the checkpoint named by ``spec`` (for a ``.gguf`` file: its converted copy)."""
-    from slimline.config import check_model_source
-
     problem = check_model_source(spec, base)
     if problem:
         raise ConfigError(f"model {spec!r}: {problem}")
@@ -73,20 +102,34 @@ def download_hub_model(repo: str) -> Path:
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> PreTrainedModel:
     """A causal LM from safetensors weights, in eval mode, optionally quantized on load (bitsandbytes)."""
-    if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"{path} has no .safetensors weights; slimline does not unpickle .bin checkpoints")
+    problem = weights_problem(path)
+    if problem:
+        raise ConfigError(problem)
     if (path / "int8_recipe.json").exists():  # torch.ao int8 layers, rebuilt from their stored tensors
         from slimline.quantize.int8 import load_int8_model
 
         return load_int8_model(path)
     extra = {"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **extra)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **extra)
+    except (OSError, ValueError, SafetensorError) as error:  # garbage config.json, a truncated weights file
+        raise ArtifactError(f"{path}: cannot load the model: {one_line(error)}") from error
     return model.eval()
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved beside a checkpoint."""
-    return AutoTokenizer.from_pretrained(path)
+    """The tokenizer saved beside a checkpoint; ArtifactError (with the reason) when there is none or it is broken."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        problem = tokenizer_problem(path) or f"{path}: cannot load the tokenizer: {one_line(error)}"
+        raise ArtifactError(problem) from error
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to ``limit`` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
@@ -116,6 +159,17 @@ def save_causal_lm(model: PreTrainedModel, folder: Path, dtype: torch.dtype) -> 
     model.to(dtype).save_pretrained(folder, safe_serialization=True)
 
 
+def load_parent_model(parent: Artifact, kind: str, quantization_config: Any = None) -> PreTrainedModel:
+    """The parent artifact's model in float32 for stage ``kind`` to transform (adapters and graphs are refused)."""
+    require_full_model(parent, kind)
+    return load_causal_lm(parent.model_path, quantization_config=quantization_config)
+
+
+def save_like_parent(model: PreTrainedModel, folder: Path, parent: Artifact) -> None:
+    """Save a stage's model as safetensors in the parent's storage dtype (so sizes compare fairly)."""
+    save_causal_lm(model, folder, stored_dtype(parent.model_path))
+
+
 def read_model_shape(spec: str, base: Path) -> ModelShape | None:
     """Config and linear-layer names of a built-in or local model, built on the meta device (no weights).
 
@@ -125,13 +179,28 @@ def read_model_shape(spec: str, base: Path) -> ModelShape | None:
         return None
     path = resolve_model_source(spec, base)
     try:
-        config = AutoConfig.from_pretrained(path)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        size_problem = config_size_problem(read_model_config(path))
+    except UntrustedInputError as error:
+        raise ConfigError(f"model {spec!r}: {error}") from error
+    if size_problem:
+        raise ConfigError(f"model {spec!r}: {size_problem}")
+    try:
+        shape = checkpoint_shape(path)
     except (ValueError, KeyError, TypeError, AttributeError, OSError, StrictDataclassError) as error:
         raise ConfigError(
-            f"model {spec!r}: transformers cannot build a causal LM from {path / 'config.json'}: {error}"
+            f"model {spec!r}: transformers cannot build a causal LM from {path / 'config.json'}: {one_line(error)}"
         ) from error
+    problem = weights_problem(path) or tokenizer_problem(path)
+    if problem:
+        raise ConfigError(f"model {spec!r}: {problem}")
+    return shape
+
+
+def checkpoint_shape(path: Path) -> ModelShape:
+    """The shape of the checkpoint in ``path`` (its ``config.json``), built on the meta device: no weights load."""
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
     return ModelShape(config.to_dict(), frozenset(linear_layer_names(model)), frozenset(layer_names(model, (Conv1D,))))
 
 

@@ -21,19 +21,15 @@ import torch
 from pydantic import Field, model_validator
 from transformers.pytorch_utils import Conv1D
 
-from slimline.artifacts import Artifact, require_full_model
+from slimline.artifacts import Artifact
 from slimline.errors import StageError
-from slimline.models import decoder_layers_name, load_causal_lm, save_causal_lm, stored_dtype
+from slimline.models import decoder_layers_name, load_parent_model, save_like_parent
 from slimline.prune.masks import global_magnitude_masks, layer_magnitude_mask, n_m_mask
-from slimline.stage import StageContext, StageOutput, StageParams, same_shape
+from slimline.stage import StageContext, StageOutput, StageParams, StageSpec, same_shape
 
 log = logging.getLogger(__name__)
 
-KIND = "prune.magnitude"
-REQUIRES: tuple[str, ...] = ()
-EXTRA = "dev"
-DEVICE = "cpu"
-DATA: tuple[str, ...] = ()
+SPEC = StageSpec(kind="prune.magnitude", requires=(), extra=None, device="cpu", data=())
 check_shape = same_shape
 
 
@@ -79,8 +75,7 @@ def oriented_weight(layer: torch.nn.Module) -> torch.Tensor:
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Zero weights by magnitude and save the sparse checkpoint."""
     parent = inputs[0]
-    require_full_model(parent, KIND)
-    model = load_causal_lm(parent.model_path)
+    model = load_parent_model(parent, SPEC.kind)
     layers = decoder_linears(model)
     if not layers:
         raise StageError(f"found no linear layers inside the decoder blocks of {type(model).__name__} to prune")
@@ -97,7 +92,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     zeros = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     log.info("%s: %.1f%% of %d decoder weights are zero", ctx.stage_id, 100 * zeros / total, total)
-    save_causal_lm(model, ctx.work_dir, stored_dtype(parent.model_path))
+    save_like_parent(model, ctx.work_dir, parent)
     per_layer = {name: round(float((~m).float().mean()), 4) for name, m in masks.items()}
     return StageOutput(
         format="hf", metrics={"sparsity": zeros / total, "pruned_weights": zeros, "layer_sparsity": per_layer}

@@ -23,11 +23,10 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from slimline.artifacts import Artifact, require_full_model
+from slimline.artifacts import Artifact
 from slimline.data import sample_windows
 from slimline.distill.distill import DistillationPair, LossWeights, distillation_loss
-from slimline.errors import StageError
-from slimline.models import count_parameters, linear_layer_names, load_causal_lm, save_causal_lm, stored_dtype
+from slimline.models import count_parameters, load_parent_model, save_like_parent
 from slimline.prune.slicing import (
     block_influence,
     drop_layers,
@@ -40,16 +39,12 @@ from slimline.prune.slicing import (
     slice_ffn,
     slice_heads,
 )
-from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 from slimline.training import TrainSettings, train_steps
 
 log = logging.getLogger(__name__)
 
-KIND = "prune.structured"
-REQUIRES: tuple[str, ...] = ()
-EXTRA = "dev"
-DEVICE = "cpu"
-DATA = ("train", "calibration")
+SPEC = StageSpec(kind="prune.structured", requires=(), extra=None, device="cpu", data=("train", "calibration"))
 
 
 class Recovery(TrainSettings):
@@ -143,9 +138,7 @@ def pruned_heads(shape: ModelShape, head_fraction: float) -> dict[str, int]:
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Rank, slice, optionally recover, save."""
     parent = inputs[0]
-    require_full_model(parent, KIND)
-    model = load_causal_lm(parent.model_path)
-    check_architecture(model, params)
+    model = load_parent_model(parent, SPEC.kind)
     original = copy.deepcopy(model) if params.recovery and params.recovery.mode == "distill" else None
     before = count_parameters(model)
     calibration = sample_windows(
@@ -162,7 +155,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     after = count_parameters(model)
     log.info("%s: %.2fM -> %.2fM parameters", ctx.stage_id, before / 1e6, after / 1e6)
     curve = recover(model, original, params.recovery, ctx) if params.recovery else []
-    save_causal_lm(model, ctx.work_dir, stored_dtype(parent.model_path))
+    save_like_parent(model, ctx.work_dir, parent)
     config = model.config
     return StageOutput(
         format="hf",
@@ -177,20 +170,6 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
             "recovery_loss_curve": curve,
         },
     )
-
-
-def check_architecture(model: torch.nn.Module, params: Params) -> None:
-    """Slicing knows Llama-style blocks (q/k/v/o and gate/up/down projections); refuse others."""
-    layer = model.model.layers[0] if hasattr(model, "model") and hasattr(model.model, "layers") else None
-    names = {name for name, _ in layer.named_modules()} if layer is not None else set()
-    needed = {f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    needed |= {f"mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")}
-    if not needed <= names:
-        found = linear_layer_names(model) - {"lm_head"}
-        missing = {name.rsplit(".", 1)[-1] for name in needed - names}
-        raise StageError(unsupported_architecture(type(model).__name__, missing, frozenset(found)))
-    if params.drop_layers >= model.config.num_hidden_layers:
-        raise StageError(f"drop_layers={params.drop_layers} would remove all {model.config.num_hidden_layers} layers")
 
 
 def prune_layers(model: torch.nn.Module, params: Params, calibration: torch.Tensor) -> list[int]:

@@ -24,19 +24,15 @@ from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact
 from slimline.errors import StageError
-from slimline.models import linear_layer_names, load_causal_lm
-from slimline.quantize.common import QUANTIZED_KEY, check_unquantized_shape, ffn_width, require_unquantized_model
-from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.models import linear_layer_names, load_parent_model
+from slimline.quantize.common import QUANTIZED_KEY, check_unquantized_shape, ffn_width
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 
 log = logging.getLogger(__name__)
 
-KIND = "quantize.bnb"
-REQUIRES = ("bitsandbytes",)
-EXTRA = "quant"
-DEVICE = "cpu"
+SPEC = StageSpec(kind="quantize.bnb", requires=("bitsandbytes",), extra="quant", device="cpu", data=())
 # Output rows bitsandbytes packs together for its 4-bit CPU kernel (AVX512-BF16 machines).
 CPU_4BIT_BLOCK = 32
-DATA: tuple[str, ...] = ()
 
 
 class Params(StageParams):
@@ -65,7 +61,7 @@ class Params(StageParams):
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
     """The input must be full precision; 4-bit layers' output widths must suit the CPU kernel's packing."""
     quantized = {"quant_method": "bitsandbytes", "mode": params.mode}
-    problems = check_unquantized_shape(KIND, shape)
+    problems = check_unquantized_shape(SPEC.kind, shape)
     if params.mode != "int8":
         problems += check_4bit_widths(shape)
     return problems, shape.changed(**{QUANTIZED_KEY: quantized})
@@ -119,8 +115,7 @@ def count_quantized(model: torch.nn.Module) -> int:
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Quantize on load through transformers, save the quantized state, check it was quantized."""
     parent = inputs[0]
-    require_unquantized_model(parent, KIND)
-    model = load_causal_lm(parent.model_path, quantization_config=bnb_config(params))
+    model = load_parent_model(parent, SPEC.kind, quantization_config=bnb_config(params))
     quantized = count_quantized(model)
     if quantized == 0:
         raise StageError(

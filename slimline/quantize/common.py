@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 
-from slimline.artifacts import Artifact, require_full_model
 from slimline.data import sample_windows
-from slimline.errors import StageError
 from slimline.stage import ModelShape, ShapeProblems, StageContext
 
 # Config key a quantization stage sets on the shape it hands on, so a second quantization is refused at validation.
 QUANTIZED_KEY = "quantization_config"
 
 
-def require_unquantized_model(parent: Artifact, kind: str) -> None:
-    """Quantization stages read a full-precision HF model; an already-quantized one is refused."""
-    require_full_model(parent, kind)
-    config = json.loads((parent.model_path / "config.json").read_text())
-    if QUANTIZED_KEY in config:
-        method = config[QUANTIZED_KEY].get("quant_method", "unknown")
-        raise StageError(f"{kind} needs a full-precision model; {parent.manifest['stage']!r} is already {method}")
-
-
 def check_unquantized_shape(kind: str, shape: ModelShape) -> ShapeProblems:
-    """Validation-time twin of ``require_unquantized_model``."""
+    """Quantization stages read a full-precision model; one whose config has a ``quantization_config`` is refused.
+
+    Checked on the predicted shape at validation and on the real parent's config before ``run``.
+    """
     if QUANTIZED_KEY in shape.config:
         method = shape.config[QUANTIZED_KEY].get("quant_method", "unknown")
         return [((), f"{kind} needs a full-precision input; this stage's input is already quantized ({method})")]

@@ -22,7 +22,6 @@ stage fails. The artifact (format ``gguf``, one ``model.gguf``) is evaluated thr
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import re
 import shutil
@@ -32,28 +31,27 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from slimline.artifacts import Artifact
+from slimline.artifacts import Artifact, require_full_model
 from slimline.errors import StageError
 from slimline.evaluate.backends.llama_cpp_backend import MODEL_FILE, collect_llama_cpp_log
 from slimline.evaluate.backends.llama_cpp_log import take_recent_messages
 from slimline.models import load_tokenizer, stored_dtype
 from slimline.models.gguf_source import EDGE_TEXTS, compare_with_llama_cpp, read_string
 from slimline.quantize import gguf_converter
-from slimline.quantize.common import (
-    QUANTIZED_KEY,
-    check_gguf_converter_keys,
-    check_unquantized_shape,
-    require_unquantized_model,
-)
-from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.quantize.common import QUANTIZED_KEY, check_gguf_converter_keys, check_unquantized_shape
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 
 log = logging.getLogger(__name__)
 
-KIND = "quantize.gguf"
-REQUIRES: tuple[str, ...] = ("llama_cpp", "gguf", "sentencepiece")
-EXTRA = "gguf"
-DEVICE = "cpu"
-DATA: tuple[str, ...] = ("calibration",)
+SPEC = StageSpec(
+    kind="quantize.gguf",
+    requires=("llama_cpp", "gguf", "sentencepiece"),
+    extra="gguf",
+    device="cpu",
+    data=("calibration",),
+    # llama.cpp's converter must have been fetched: it is not in llama-cpp-python's wheel
+    missing_tools=gguf_converter.missing_converter,
+)
 
 GgufType = Literal[
     "F32",
@@ -137,7 +135,7 @@ def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, Model
     llama.cpp quantizes every width: a tensor whose rows its type's blocks do not divide falls back to
     another type (``tensor_type_fallback``), which the stage reports. Validation only says it will happen.
     """
-    problems = check_unquantized_shape(KIND, shape)
+    problems = check_unquantized_shape(SPEC.kind, shape)
     problems += check_architecture(shape.config)
     problems += check_gguf_converter_keys(shape)
     narrow = narrow_widths(params.type, shape.config)
@@ -172,19 +170,11 @@ def check_architecture(config: dict[str, Any]) -> ShapeProblems:
     return []
 
 
-def missing_tools() -> list[str]:
-    """Preflight: llama.cpp's converter must have been fetched (it is not in llama-cpp-python's wheel)."""
-    return gguf_converter.missing_converter()
-
-
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Convert, quantize, check the tokenizer, and leave model.gguf in the work folder."""
     parent = inputs[0]
-    require_unquantized_model(parent, KIND)
+    require_full_model(parent, SPEC.kind)
     converter = gguf_converter.find_converter()
-    problems = check_architecture(json.loads((parent.model_path / "config.json").read_text()))
-    if problems:
-        raise StageError(problems[0][1])
     target = ctx.work_dir / MODEL_FILE
     built = write_gguf(params, parent, converter, target, ctx)
     tokenizer = check_tokenizer(target, parent.model_path, ctx.data.stream("calibration"), params)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from slimline.artifacts import Artifact
+from slimline.artifacts import Artifact, require_full_model
 from slimline.errors import StageError
 from slimline.models import TOKENIZER_FILES, stored_dtype
 from slimline.quantize.common import (
@@ -40,17 +40,14 @@ from slimline.quantize.common import (
     check_group_size,
     check_sequence_length,
     check_unquantized_shape,
-    require_unquantized_model,
 )
-from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 
 log = logging.getLogger(__name__)
 
-KIND = "quantize.gptq"
-REQUIRES = ("gptqmodel", "optimum")
-EXTRA = "quant"
-DEVICE = "cpu"
-DATA = ("calibration",)
+SPEC = StageSpec(
+    kind="quantize.gptq", requires=("gptqmodel", "optimum"), extra="quant", device="cpu", data=("calibration",)
+)
 # gptqmodel files that only describe its run; they are kept out of the artifact.
 RUN_LOG = "quant_log.csv"
 GENERATION_CONFIG = "generation_config.json"
@@ -100,7 +97,7 @@ class Params(StageParams):
 
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
     """Groups must divide every width; calibration windows must fit; the input must be full precision."""
-    problems = check_unquantized_shape(KIND, shape) + check_group_size(params.group_size, shape)
+    problems = check_unquantized_shape(SPEC.kind, shape) + check_group_size(params.group_size, shape)
     if shape.model_type in UNSUPPORTED:
         problems.append(((), f"{shape.architecture} is not supported: {UNSUPPORTED[shape.model_type]}"))
     problems += check_sequence_length("calibration_length", params.calibration_length, shape)
@@ -160,7 +157,7 @@ def keep_parent_side_files(folder: Path, parent: Path) -> None:
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Load the parent in its storage dtype, quantize its decoder linears, save the GPTQ checkpoint."""
     parent = inputs[0]
-    require_unquantized_model(parent, KIND)
+    require_full_model(parent, SPEC.kind)
     # gptqmodel's CPU pool defaults to (cores + 1) // 2 workers and refuses fewer than 2.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
     from gptqmodel import GPTQModel

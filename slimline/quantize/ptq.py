@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact
 from slimline.hardware import cpu_flags, has_vnni, safe_int8_weight_bits
-from slimline.models import load_causal_lm, stored_dtype
+from slimline.models import load_parent_model, stored_dtype
 from slimline.quantize import int8
 from slimline.quantize.common import (
     QUANTIZED_KEY,
@@ -39,17 +39,12 @@ from slimline.quantize.common import (
     check_sequence_length,
     check_torch_linear_layers,
     check_unquantized_shape,
-    require_unquantized_model,
 )
-from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 
 log = logging.getLogger(__name__)
 
-KIND = "quantize.ptq"
-REQUIRES: tuple[str, ...] = ()
-EXTRA = "dev"
-DEVICE = "cpu"
-DATA = ("calibration",)
+SPEC = StageSpec(kind="quantize.ptq", requires=(), extra=None, device="cpu", data=("calibration",))
 FORMAT = "torch-int8"
 
 
@@ -114,7 +109,7 @@ class Params(StageParams):
 
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
     """The input must be full precision; static calibration windows must fit the context."""
-    problems = check_unquantized_shape(KIND, shape) + check_torch_linear_layers(KIND, shape)
+    problems = check_unquantized_shape(SPEC.kind, shape) + check_torch_linear_layers(SPEC.kind, shape)
     if params.mode == "static":
         problems += check_sequence_length("calibration_length", params.calibration_length, shape)
     return problems, shape.changed(**{QUANTIZED_KEY: {"quant_method": f"torch.ao int8 {params.mode}"}})
@@ -142,8 +137,7 @@ def quantize_model(model: torch.nn.Module, params: Params, ctx: StageContext) ->
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Load the parent in float32, quantize its linear layers to int8, save tensors and recipe."""
     parent = inputs[0]
-    require_unquantized_model(parent, KIND)
-    model = load_causal_lm(parent.model_path)
+    model = load_parent_model(parent, SPEC.kind)
     names = quantize_model(model, params, ctx)
     recipe = {
         "mode": params.mode,

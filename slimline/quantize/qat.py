@@ -28,25 +28,20 @@ from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact
 from slimline.hardware import Precision
-from slimline.models import load_causal_lm, stored_dtype
+from slimline.models import load_parent_model, stored_dtype
 from slimline.quantize import int8
 from slimline.quantize.common import (
     QUANTIZED_KEY,
     check_sequence_length,
     check_torch_linear_layers,
     check_unquantized_shape,
-    require_unquantized_model,
 )
-from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams
+from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 from slimline.training import TrainSettings, train_steps
 
 log = logging.getLogger(__name__)
 
-KIND = "quantize.qat"
-REQUIRES = ("torchao",)
-EXTRA = "quant"
-DEVICE = "cpu"
-DATA = ("train",)
+SPEC = StageSpec(kind="quantize.qat", requires=("torchao",), extra="quant", device="cpu", data=("train",))
 FORMAT = "torch-int8"
 
 
@@ -87,7 +82,7 @@ class Params(StageParams, TrainSettings):
 
 def check_shape(params: Params, shape: ModelShape) -> tuple[ShapeProblems, ModelShape]:
     """The input must be full precision; training windows must fit the context."""
-    problems = check_unquantized_shape(KIND, shape) + check_torch_linear_layers(KIND, shape)
+    problems = check_unquantized_shape(SPEC.kind, shape) + check_torch_linear_layers(SPEC.kind, shape)
     problems += check_sequence_length("sequence_length", params.sequence_length, shape)
     return problems, shape.changed(**{QUANTIZED_KEY: {"quant_method": "torch.ao int8 dynamic (qat)"}})
 
@@ -129,8 +124,7 @@ def convert(model: torch.nn.Module) -> None:
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Prepare, fine-tune with fake quantization, convert, then quantize to the int8 artifact."""
     parent = inputs[0]
-    require_unquantized_model(parent, KIND)
-    model = load_causal_lm(parent.model_path)
+    model = load_parent_model(parent, SPEC.kind)
     names = int8.quantizable_linears(model, params.include_lm_head)
     if params.include_lm_head and model.config.tie_word_embeddings:
         # the LM head gets its own trainable copy: fake-quantizing it must not round the input embeddings

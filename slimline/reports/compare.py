@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimline.reports.rows import Row, read_summary, rows_from_summary
+from slimline.reports.rows import Row, read_run_manifest, read_summary, rows_from_summary
 from slimline.reports.tables import Column, cell, markdown_table
-from slimline.reproducibility import read_manifest
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,7 @@ def context_changes(manifest_a: dict[str, Any], manifest_b: dict[str, Any]) -> l
 def compare_runs(run_a: Path, run_b: Path) -> RunDiff:
     """Compare two finished run folders; ReportError when one is not a run folder."""
     rows_a, rows_b = rows_from_summary(read_summary(run_a)), rows_from_summary(read_summary(run_b))
-    context = context_changes(read_manifest(Path(run_a)), read_manifest(Path(run_b)))
+    context = context_changes(read_run_manifest(Path(run_a)), read_run_manifest(Path(run_b)))
     return RunDiff(str(run_a), str(run_b), tuple(diff_stages(rows_a, rows_b)), tuple(context))
 
 

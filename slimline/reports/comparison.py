@@ -73,7 +73,7 @@ def front_stages(rows: list[Row]) -> dict[str, list[str]]:
     """Stages on the Pareto front of perplexity vs decode speed and of perplexity vs size (input and candidates only)."""
     measured = [row for row in rows if row.competes]
     speed = pareto_front([(-(row.decode_tokens_per_s or 0.0), row.perplexity or 0.0) for row in measured])
-    sized = [row for row in measured if row.size_mb is not None]
+    sized = [row for row in measured if row.sized]
     size = pareto_front([(row.size_mb or 0.0, row.perplexity or 0.0) for row in sized])
     return {"speed": [measured[i].stage for i in speed], "size": [sized[i].stage for i in size]}
 

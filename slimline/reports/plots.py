@@ -275,7 +275,7 @@ def tradeoff_plot(rows: list[Row], x_field: str, x_label: str, maximize_x: bool)
     xs = [float(getattr(row, x_field)) for row in plotted]
     ys = [float(row.perplexity) for row in in_scale] + [band or 0.0] * len(collapsed)
     draw_points(ax, plotted, xs, ys)
-    competing = [i for i, row in enumerate(plotted) if row.competes]
+    competing = [i for i, row in enumerate(plotted) if row.competes and (x_field != "size_mb" or row.sized)]
     front = [competing[i] for i in pareto_front([(-xs[i] if maximize_x else xs[i], ys[i]) for i in competing])]
     if front:
         front_points = sorted((xs[i], ys[i]) for i in front)

@@ -12,15 +12,16 @@ finite). Only the input and candidates compete on the Pareto fronts.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from slimline.errors import ReportError
+from slimline.reports.run_files import ManifestFile, SummaryFile, check_summary, read_run_json
 
 SUMMARY_JSON = "summary.json"
+MANIFEST_JSON = "manifest.json"
 DRAFT_KINDS = ("distill",)
 # An artifact whose perplexity is more than this many times the input model's has collapsed.
 OFF_SCALE = 10.0
@@ -70,16 +71,29 @@ class Row:
         """True when the artifact was measured and may be on a Pareto front (the input or a candidate)."""
         return self.measured and self.role in ("input", "candidate")
 
+    @property
+    def sized(self) -> bool:
+        """True when size_mb is the artifact's own model size (a serve artifact holds only a bundle pointing at two)."""
+        return self.size_mb is not None and self.kind != "serve"
+
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
-    """A run folder's summary.json; ReportError when the folder or the file is missing."""
+    """A run folder's summary.json, checked (see ``run_files``); ReportError when it is missing or malformed."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ReportError(f"{run_dir}: no such run folder")
+        raise ReportError(f"{run_dir}: {'not a folder' if run_dir.exists() else 'no such run folder'}")
     path = run_dir / SUMMARY_JSON
     if not path.exists():
         raise ReportError(f"{path} not found: is {run_dir} a finished run folder (runs/<name>)?")
-    return json.loads(path.read_text())
+    summary = read_run_json(path, SummaryFile)
+    check_summary(summary, path)
+    return summary
+
+
+def read_run_manifest(run_dir: Path) -> dict[str, Any]:
+    """A run folder's manifest.json, checked (see ``run_files``); {} when it has none, ReportError when malformed."""
+    path = Path(run_dir) / MANIFEST_JSON
+    return read_run_json(path, ManifestFile) if path.exists() else {}
 
 
 def row_from_summary(entry: dict[str, Any]) -> Row:
@@ -151,12 +165,15 @@ def rows_from_summary(summary: dict[str, Any]) -> list[Row]:
 
 
 def run_role(row: Row, drafts: set[str], input_perplexity: float | None) -> str:
-    """A row's role within its run: a collapsed artifact is off-scale whatever else it is."""
+    """A row's role within its run: a draft stays a draft, any other collapsed artifact is off-scale.
+
+    A draft is a small student, expected to score far worse than the input.
+    """
     if row.role == "input":
         return "input"
-    if off_scale(row.perplexity, input_perplexity):
-        return "off-scale"
-    return "draft" if row.stage in drafts else "candidate"
+    if row.stage in drafts:
+        return "draft"
+    return "off-scale" if off_scale(row.perplexity, input_perplexity) else "candidate"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

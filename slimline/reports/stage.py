@@ -84,7 +84,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("format"):
         lines.append(f"**Format:** {report['format']}, measured with the **{report['backend']}** backend  ")
     lines.append(
-        f"**Time:** stage {cell(report.get('stage_seconds'), '.1f')} s, evaluation {cell(report.get('evaluate_seconds'), '.1f')} s"
+        f"**Time:** to produce {cell(report.get('produce_seconds'), '.1f')} s, evaluation {cell(report.get('evaluate_seconds'), '.1f')} s"
     )
     if report.get("params"):
         lines += ["", "## Params", "", "```json", json.dumps(report["params"], indent=2), "```"]

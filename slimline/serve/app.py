@@ -6,6 +6,11 @@ template), each streaming (server-sent events, ``data: [DONE]`` last) or not; ``
 "type", "param", "code"}}``, with a 4xx status that says what was wrong with the request; the
 server itself keeps serving. With an API key set, every ``/v1`` route needs ``Authorization:
 Bearer <key>``. A client that disconnects cancels its request in the engine.
+
+What a client may send is bounded by ``ServerLimits`` (``limits.py``): the body is checked by
+``BodyGuard`` (``guard.py``) before FastAPI parses it; prompt length, ``max_tokens`` and stop
+sequences here, before the engine sees the request. Prompts are tokenized on a worker thread, so
+a long one does not stall the other clients' streams.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,8 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimline.serve.engine import Engine, EngineBusyError, EngineClosedError, Event, GenerationRequest
+from slimline.serve.guard import BodyGuard, error_body
+from slimline.serve.limits import ServerLimits
 from slimline.serve.metrics import ServerMetrics
 from slimline.serve.sampling import SamplingParams
+from slimline.untrusted import lone_surrogate
+
+# Below this, sampling is argmax in all but float rounding, and dividing logits by it overflows.
+MIN_TEMPERATURE = 1e-4
 
 
 class ApiError(Exception):
@@ -38,13 +51,14 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "server_error", 500: "server_error"}
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error JSON."""
-    kind = ERROR_TYPES.get(status, "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+def reject_lone_surrogates(value: Any) -> Any:
+    r"""Text with a lone UTF-16 surrogate (from a JSON escape such as ``"\ud800"``) cannot be tokenized: refuse it."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for text in texts:
+        position = lone_surrogate(text) if isinstance(text, str) else None
+        if position is not None:
+            raise ValueError(f"contains a lone UTF-16 surrogate at character {position} (not valid Unicode text)")
+    return value
 
 
 class SamplingFields(BaseModel):
@@ -60,17 +74,15 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed accepts
     n: int = Field(1, ge=1, le=1)
     speculative: bool = True  # slimline extension: false decodes with the target alone
 
     @field_validator("stop")
     @classmethod
-    def at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        """OpenAI accepts up to four stop sequences."""
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return value
+    def valid_stop_text(cls, value: str | list[str] | None) -> str | list[str] | None:
+        """Stop sequences must be valid Unicode (their number and length are the server's limits)."""
+        return reject_lone_surrogates(value)
 
     def stops(self) -> tuple[str, ...]:
         """The stop sequences as a tuple."""
@@ -79,8 +91,9 @@ class SamplingFields(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def sampling(self) -> SamplingParams:
-        """The engine's sampling parameters."""
-        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        """The engine's sampling parameters (a temperature below MIN_TEMPERATURE is greedy)."""
+        temperature = self.temperature if self.temperature >= MIN_TEMPERATURE else 0.0
+        return SamplingParams(temperature=temperature, top_k=self.top_k, top_p=self.top_p)
 
 
 class CompletionRequest(SamplingFields):
@@ -92,10 +105,10 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        """One prompt per request (n and batched prompts are not supported)."""
+        """One prompt per request (n and batched prompts are not supported), valid Unicode."""
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("send one prompt per request")
-        return value
+        return reject_lone_surrogates(value)
 
     def text(self) -> str:
         """The prompt text."""
@@ -110,6 +123,12 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str
 
+    @field_validator("content")
+    @classmethod
+    def valid_text(cls, value: str) -> str:
+        """Content must be valid Unicode."""
+        return reject_lone_surrogates(value)
+
 
 class ChatRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
@@ -118,18 +137,27 @@ class ChatRequest(SamplingFields):
 
 
 def create_app(
-    engine: Engine, model_name: str, api_key: str | None = None, shutdown_grace_seconds: float = 10.0
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    shutdown_grace_seconds: float = 10.0,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
-    """The FastAPI application serving ``engine`` as ``model_name``."""
+    """The FastAPI application serving ``engine`` as ``model_name``, within ``limits`` (default ServerLimits())."""
+    limits = limits or ServerLimits()
     metrics = ServerMetrics(engine)
+    context = engine.target.context_length
+    prompts = PromptTokenizer(engine.tokenizer, min(limits.max_prompt_tokens or context, context))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        prompts.close()
         await asyncio.to_thread(engine.shutdown, shutdown_grace_seconds)
 
     app = FastAPI(title="slimline", lifespan=lifespan)
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
+    app.add_middleware(BodyGuard, limits=limits)  # inside the metrics middleware below, so refusals are counted
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -172,16 +200,60 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model, model_name)
-        prompt_ids = engine.tokenizer(body.text(), add_special_tokens=False)["input_ids"]
-        return await respond(request, engine, metrics, body, prompt_ids, model_name, chat=False)
+        check_stops(body.stops(), limits)
+        generation = generation_request(body, await prompts.completion(body.text()), context, limits)
+        return await respond(request, engine, metrics, generation, body.stream, ReplyShape(model_name, chat=False))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model, model_name)
-        prompt_ids = chat_prompt_ids(engine.tokenizer, body.messages)
-        return await respond(request, engine, metrics, body, prompt_ids, model_name, chat=True)
+        check_stops(body.stops(), limits)
+        generation = generation_request(body, await prompts.chat(body.messages), context, limits)
+        return await respond(request, engine, metrics, generation, body.stream, ReplyShape(model_name, chat=True))
 
     return app
+
+
+class PromptTokenizer:
+    """Prompts to token ids on one worker thread (the event loop keeps serving), long ones refused first.
+
+    A token covers at most as many characters as its longest vocabulary entry, so text longer than
+    ``limit`` tokens x that length (x 2 for normalizers that shrink text) is certainly over the limit
+    and is refused without spending CPU on it.
+    """
+
+    def __init__(self, tokenizer: Any, limit: int) -> None:
+        self.tokenizer, self.limit = tokenizer, limit
+        self.longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimline-tokenize")
+
+    async def completion(self, text: str) -> list[int]:
+        """Token ids of a completion prompt."""
+        self.check_length(len(text), "prompt")
+        return await self.run(lambda: self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def chat(self, messages: list[ChatMessage]) -> list[int]:
+        """Token ids of a conversation through the chat template."""
+        self.check_length(sum(len(message.content) for message in messages), "messages")
+        return await self.run(lambda: chat_prompt_ids(self.tokenizer, messages))
+
+    def check_length(self, characters: int, param: str) -> None:
+        """Refuse text certainly longer than the token limit."""
+        if characters > 2 * self.limit * self.longest_token:
+            raise ApiError(
+                400,
+                f"the prompt ({characters:,} characters) is far beyond this server's limit of {self.limit} prompt tokens",
+                param,
+                "context_length_exceeded",
+            )
+
+    async def run(self, work: Callable[[], list[int]]) -> list[int]:
+        """Run ``work`` on the worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, work)
+
+    def close(self) -> None:
+        """Stop the worker thread."""
+        self.worker.shutdown(wait=False, cancel_futures=True)
 
 
 def authorized(request: Request, api_key: str) -> bool:
@@ -224,15 +296,40 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
     conversation = [message.model_dump() for message in messages]
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateError as error:  # templates raise on conversations they refuse (roles out of order)
+        raise ApiError(400, f"the chat template refused the conversation: {error}", "messages") from error
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def generation_request(body: SamplingFields, prompt_ids: list[int], context: int) -> GenerationRequest:
-    """Check limits against the context and build the engine's request."""
+def check_stops(stops: tuple[str, ...], limits: ServerLimits) -> None:
+    """At most ``max_stop_sequences`` stop sequences of at most ``max_stop_chars`` characters."""
+    if len(stops) > limits.max_stop_sequences:
+        raise ApiError(400, f"at most {limits.max_stop_sequences} stop sequences are accepted", "stop")
+    if any(len(stop) > limits.max_stop_chars for stop in stops):
+        raise ApiError(400, f"a stop sequence is longer than {limits.max_stop_chars} characters", "stop")
+
+
+def generation_request(
+    body: SamplingFields, prompt_ids: list[int], context: int, limits: ServerLimits | None = None
+) -> GenerationRequest:
+    """Check the request against the context and the server's limits and build the engine's request."""
+    limits = limits or ServerLimits()
     if not prompt_ids:
         raise ApiError(400, "the prompt is empty", "prompt")
     max_tokens = body.max_completion_tokens or body.max_tokens or 16
+    if limits.max_prompt_tokens is not None and len(prompt_ids) > limits.max_prompt_tokens:
+        raise ApiError(
+            400,
+            f"the prompt ({len(prompt_ids)} tokens) exceeds this server's limit of {limits.max_prompt_tokens} prompt tokens",
+            "prompt",
+            "context_length_exceeded",
+        )
+    if limits.max_tokens is not None and max_tokens > limits.max_tokens:
+        raise ApiError(
+            400, f"max_tokens ({max_tokens}) exceeds this server's limit of {limits.max_tokens}", "max_tokens"
+        )
     if len(prompt_ids) + max_tokens > context:
         raise ApiError(
             400,
@@ -255,13 +352,11 @@ async def respond(
     request: Request,
     engine: Engine,
     metrics: ServerMetrics,
-    body: SamplingFields,
-    prompt_ids: list[int],
-    model_name: str,
-    chat: bool,
+    generation: GenerationRequest,
+    stream: bool,
+    reply: ReplyShape,
 ):
     """Submit to the engine; stream the events as SSE or gather them into one response."""
-    generation = generation_request(body, prompt_ids, engine.target.context_length)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -276,8 +371,7 @@ async def respond(
         raise ApiError(429, str(error), code="queue_full") from error
     except EngineClosedError as error:
         raise ApiError(503, str(error), code="shutting_down") from error
-    reply = ReplyShape(model_name, chat)
-    if body.stream:
+    if stream:
         return StreamingResponse(
             stream_events(request, handle, events, reply),
             media_type="text/event-stream",

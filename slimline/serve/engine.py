@@ -219,14 +219,44 @@ class Engine:
                 if self.stopping and not self.active and not self.waiting:
                     return
                 while self.waiting and len(self.active) < self.max_active:
-                    self.active.append(self._start(self.waiting.popleft()))
+                    handle = self.waiting.popleft()
+                    job = self._start_safely(handle)
+                    if job is not None:
+                        self.active.append(job)
                 turn = list(self.active)
             for job in turn:
-                finished = self._advance(job)
+                finished = self._advance_safely(job)
                 if finished:
                     with self.lock:
                         self.active.remove(job)
                         self.lock.notify_all()
+
+    def _start_safely(self, handle: RequestHandle) -> Job | None:
+        """``_start``, or None after telling the client why its request could not start (the engine goes on)."""
+        try:
+            return self._start(handle)
+        except Exception as error:
+            log.exception("request %d could not start", handle.id)
+            self._emit_safely(handle, Event("", [], f"error: {type(error).__name__}: {error}"))
+            return None
+
+    def _advance_safely(self, job: Job) -> bool:
+        """``_advance``; a failure outside the model (detokenising, the client's callback) ends only this request."""
+        try:
+            return self._advance(job)
+        except Exception as error:
+            log.exception("request %d failed", job.handle.id)
+            job.rounds.close()
+            self._emit_safely(job.handle, Event("", [], f"error: {type(error).__name__}: {error}"))
+            return True
+
+    @staticmethod
+    def _emit_safely(handle: RequestHandle, event: Event) -> None:
+        """Deliver a final event, ignoring a consumer that is already gone (its event loop closed)."""
+        try:
+            handle.emit(event)
+        except Exception:
+            log.warning("request %d: its client could not be told the request ended", handle.id)
 
     def _start(self, handle: RequestHandle) -> Job:
         request = handle.request

@@ -4,44 +4,39 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import replace
 from pathlib import Path
 
-from slimline.errors import ArtifactError, SlimlineError
+from slimline.errors import SlimlineError
+from slimline.serve.bundle import ServeBundle, check_same_vocabulary, read_bundle
+from slimline.serve.limits import ServerLimits
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(target: Path, draft: Path | None, k: int, adaptive: bool, max_active: int):
+def build_engine(pair: ServeBundle, max_active: int):
     """Load the models and the target's tokenizer into an engine (the draft must share the vocabulary)."""
     from slimline.models import load_tokenizer
     from slimline.serve.engine import Engine
     from slimline.serve.models import load_language_model
 
-    target_model = load_language_model(target)
-    draft_model = load_language_model(draft) if draft is not None else None
-    tokenizer = load_tokenizer(target)
-    if draft is not None:
-        check_same_vocabulary(tokenizer, load_tokenizer(draft), target, draft)
-    return Engine(target_model, tokenizer, draft_model, k=k, adaptive=adaptive, max_active=max_active)
+    target_model = load_language_model(pair.target)
+    draft_model = load_language_model(pair.draft) if pair.draft is not None else None
+    tokenizer = load_tokenizer(pair.target)
+    if pair.draft is not None:
+        check_same_vocabulary(tokenizer, load_tokenizer(pair.draft), pair.target, pair.draft)
+    return Engine(target_model, tokenizer, draft_model, k=pair.k, adaptive=pair.adaptive, max_active=max_active)
 
 
-def check_same_vocabulary(target_tokenizer, draft_tokenizer, target: Path, draft: Path) -> None:
-    """Speculative decoding compares token ids: both models must use the same tokenizer."""
-    if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
-        raise ArtifactError(f"the draft {draft} has a different vocabulary from the target {target}")
-
-
-def resolve_pair(target: Path, draft: Path | None, k: int | None, adaptive: bool | None) -> tuple:
-    """A ``serve`` artifact names its pair, k and adaptivity; explicit options win over it."""
+def resolve_pair(target: Path, draft: Path | None, k: int | None, adaptive: bool | None) -> ServeBundle:
+    """A ``serve`` artifact names its pair, k and adaptivity; explicit options (not None) win over it."""
     from slimline.serve.models import artifact_format
-    from slimline.serve.stage import read_bundle
 
-    if target.is_dir() and artifact_format(target) == "serve":
-        bundle = read_bundle(target)
-        target, draft = Path(bundle["target"]), draft or Path(bundle["draft"])
-        k = k if k is not None else bundle["k"]
-        adaptive = adaptive if adaptive is not None else bundle["adaptive"]
-    return target, draft, k if k is not None else 4, True if adaptive is None else adaptive
+    bundle = read_bundle(target) if target.is_dir() and artifact_format(target) == "serve" else ServeBundle(target)
+    explicit = {
+        name: value for name, value in (("draft", draft), ("k", k), ("adaptive", adaptive)) if value is not None
+    }
+    return replace(bundle, **explicit)
 
 
 def serve(
@@ -55,27 +50,42 @@ def serve(
     adaptive: bool | None = None,
     max_active: int = 8,
     shutdown_grace_seconds: float = 10.0,
+    limits: ServerLimits | None = None,
 ) -> None:
-    """Serve until interrupted; SIGINT/SIGTERM finish in-flight requests for up to the grace period."""
+    """Serve until interrupted; SIGINT/SIGTERM finish in-flight requests for up to the grace period.
+
+    ``limits`` bound what clients may send and hold (docs/serving.md, "Limits"); default ServerLimits().
+    """
     missing = [name for name in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
     if missing:
         raise SlimlineError(f"serving needs {', '.join(missing)}: pip install 'slimline[serve]'")
     import uvicorn
 
     from slimline.serve.app import create_app
+    from slimline.serve.connections import uvicorn_config
+    from slimline.serve.folders import check_serving_folder, load_errors
 
+    limits = limits or ServerLimits()
     name = model_name or target.name
-    target, draft, k, adaptive = resolve_pair(target, draft, k, adaptive)
-    engine = build_engine(target, draft, k, adaptive, max_active)
-    app = create_app(engine, name, api_key, shutdown_grace_seconds)
+    check_serving_folder(target, "target")
+    pair = resolve_pair(target, draft, k, adaptive)
+    for role, folder in (("target", pair.target), ("draft", pair.draft)):
+        if folder is not None:
+            check_serving_folder(folder, role)
+    with load_errors(pair.target, "target or draft"):
+        engine = build_engine(pair, max_active)
+    app = create_app(engine, name, api_key, shutdown_grace_seconds, limits)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use it", host)
     log.info(
         "serving %s (%s%s) on http://%s:%d",
         name,
         engine.target.backend,
-        f", draft {draft.name} k={k}{' adaptive' if adaptive else ''}" if draft else ", no draft",
+        f", draft {pair.draft.name} k={pair.k}{' adaptive' if pair.adaptive else ''}" if pair.draft else ", no draft",
         host,
         port,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_grace_seconds)
+    config = uvicorn_config(
+        app, host, port, limits, log_level="warning", timeout_graceful_shutdown=shutdown_grace_seconds
+    )
+    uvicorn.Server(config).run()

@@ -18,7 +18,6 @@ serves it.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from pathlib import Path
@@ -28,19 +27,15 @@ from pydantic import Field
 
 from slimline.artifacts import Artifact
 from slimline.errors import ArtifactError, StageError
-from slimline.stage import StageContext, StageOutput, StageParams, same_shape
+from slimline.serve.bundle import ServeBundle, check_same_vocabulary, write_bundle
+from slimline.stage import StageContext, StageOutput, StageParams, StageSpec, same_shape
 
 log = logging.getLogger(__name__)
 
-KIND = "serve"
-REQUIRES: tuple[str, ...] = ()
-EXTRA = "serve"
-DEVICE = "any"
-DATA: tuple[str, ...] = ("calibration",)
-EXTRA_INPUTS = ("draft",)  # params naming other stages whose artifacts this stage reads
+# The stage needs no package beyond the core ones (the HTTP server's are checked by ``slimline serve``).
+SPEC = StageSpec(kind="serve", requires=(), extra=None, device="any", data=("calibration",), extra_inputs=("draft",))
 check_shape = same_shape
 
-BUNDLE_FILE = "serve.json"
 SERVABLE_FORMATS = ("hf", "source", "onnx")
 
 
@@ -48,8 +43,10 @@ class Params(StageParams):
     """The draft to pair with the target and how many tokens it proposes."""
 
     draft: str = Field(description="Id of the stage whose artifact drafts (defined earlier in the file).")
-    k: int = Field(4, ge=1, le=16, description="Draft tokens per round (the start value when adaptive).")
-    adaptive: bool = Field(True, description="Adapt k to the running acceptance rate and measured costs.")
+    k: int = Field(ServeBundle.k, ge=1, le=16, description="Draft tokens per round (the start value when adaptive).")
+    adaptive: bool = Field(
+        ServeBundle.adaptive, description="Adapt k to the running acceptance rate and measured costs."
+    )
     check_prompts: int = Field(4, ge=1, description="Calibration prompts decoded both ways to check and time.")
     check_new_tokens: int = Field(64, ge=8, description="Greedy tokens per check prompt.")
 
@@ -68,7 +65,6 @@ def check_pair(target: Artifact, draft: Artifact) -> None:
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
     """Check and time the pair on real prompts, then write the bundle."""
     from slimline.models import load_tokenizer
-    from slimline.serve.server import check_same_vocabulary
 
     target, draft = inputs
     check_pair(target, draft)
@@ -84,8 +80,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
             f"speculative greedy output differed from the target's on {params.check_prompts - metrics['identical_prompts']}"
             f" of {params.check_prompts} prompts"
         )
-    bundle = {"target": str(target.path), "draft": str(draft.path), "k": params.k, "adaptive": params.adaptive}
-    (ctx.work_dir / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2) + "\n")
+    write_bundle(ctx.work_dir, ServeBundle(target.path, draft.path, params.k, params.adaptive))
     for name in ("config.json", "generation_config.json"):
         if (target.model_path / name).exists():
             (ctx.work_dir / name).write_bytes((target.model_path / name).read_bytes())
@@ -121,8 +116,3 @@ def measure_pair(target_path: Path, draft_path: Path, stream: torch.Tensor, para
         "check_prompts": params.check_prompts,
         "backend": target.backend,
     }
-
-
-def read_bundle(folder: Path) -> dict:
-    """The pair a serve artifact names."""
-    return json.loads((folder / BUNDLE_FILE).read_text())

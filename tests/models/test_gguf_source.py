@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from slimline.artifacts import read_artifact
-from slimline.config import check_model_source, load_pipeline
-from slimline.models import gguf_source, load_causal_lm, load_tokenizer, resolve_model_source
+from slimline.config import load_pipeline
+from slimline.models import check_model_source, gguf_source, load_causal_lm, load_tokenizer, resolve_model_source
 from slimline.quantize import gguf_converter
 from slimline.runner import Runner
 from tests.conftest import build_tiny_model, write_pipeline

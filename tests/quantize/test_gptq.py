@@ -113,14 +113,16 @@ def test_an_already_quantized_input_model_is_refused(gptq_run: Path, tmp_path: P
 
 @pytest.mark.stage
 def test_run_time_check_refuses_a_quantized_parent(gptq_run: Path) -> None:
+    # the runner calls the stage's check_shape on the real parent before run: the same rule as validation
     from slimline.artifacts import Artifact
     from slimline.errors import StageError
-    from slimline.quantize.common import require_unquantized_model
+    from slimline.quantize import bnb
+    from slimline.runner import check_parent_shape
 
     folder = gptq_run / "stages" / "gptq"
     parent = Artifact(folder, json.loads((folder / "artifact.json").read_text()))
-    with pytest.raises(StageError, match="already gptq"):
-        require_unquantized_model(parent, "quantize.bnb")
+    with pytest.raises(StageError, match=r"does not fit quantize.bnb: .*already quantized \(gptq\)"):
+        check_parent_shape("quantize.bnb", bnb.Params(), parent)
 
 
 @pytest.mark.slow

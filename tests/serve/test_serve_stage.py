@@ -39,9 +39,10 @@ def test_serve_stage_pairs_checks_and_measures(tiny_model: Path, tmp_path: Path)
     assert report["backend"] == "speculative"
     accuracy = report["metrics"]["accuracy"]
     assert accuracy["kl_vs_input"] < 1e-9 and accuracy["top1_agreement_with_input"] == 1.0  # the target's own logits
-    target, draft, k, adaptive = resolve_pair(result.artifact.path, None, None, None)
-    assert target == (tmp_path / "run" / "input").resolve()  # the input artifact, which points at the checkpoint
-    assert draft.name == "draft" and k == 3 and adaptive is True
+    pair = resolve_pair(result.artifact.path, None, None, None)
+    assert pair.target == (tmp_path / "run" / "input").resolve()  # the input artifact, which points at the checkpoint
+    assert pair.draft is not None and pair.draft.name == "draft" and pair.k == 3 and pair.adaptive is True
+    assert resolve_pair(result.artifact.path, None, 5, False).k == 5  # explicit options win over the bundle
 
     # a changed draft re-runs the serve stage; an unchanged pipeline reuses it
     again = Runner(load_pipeline(write_pipeline(tmp_path, tiny_model, STAGES)), tmp_path / "run").run()

@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from slimline.serve.app import create_app
+from slimline.serve.bundle import ServeBundle
 from slimline.serve.server import build_engine
 from tests.conftest import build_tiny_model
 
@@ -67,7 +68,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def server(models) -> Iterator[RunningServer]:
     target, draft = models
-    engine = build_engine(target, draft, k=3, adaptive=True, max_active=4)
+    engine = build_engine(ServeBundle(target, draft, k=3, adaptive=True), max_active=4)
     running = RunningServer(create_app(engine, MODEL, api_key=API_KEY, shutdown_grace_seconds=2))
     yield running
     running.stop()
@@ -203,7 +204,7 @@ def test_metrics_exposes_counters_and_acceptance(server: RunningServer, client: 
 
 def test_graceful_shutdown_finishes_in_flight_and_refuses_new(models) -> None:
     target, draft = models
-    engine = build_engine(target, draft, k=3, adaptive=True, max_active=2)
+    engine = build_engine(ServeBundle(target, draft, k=3, adaptive=True), max_active=2)
     running = RunningServer(create_app(engine, MODEL, shutdown_grace_seconds=20))
     result = {}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from slimline.errors import ArtifactError
 from slimline.evaluate.backends.base import Backend
 from slimline.serve.models import load_language_model
 from slimline.serve.sampling import SamplingParams
@@ -28,13 +29,15 @@ class SpeculativeBackend(Backend):
 
     def __init__(self, folder: Path) -> None:
         """Open the target and draft a serve artifact names."""
-        from slimline.serve.stage import read_bundle
+        from slimline.serve.bundle import read_bundle
 
         bundle = read_bundle(folder)
-        self.target = load_language_model(Path(bundle["target"]))
-        self.draft = load_language_model(Path(bundle["draft"]))
+        if bundle.draft is None:
+            raise ArtifactError(f"{folder} names no draft model: a speculative backend needs one")
+        self.target = load_language_model(bundle.target)
+        self.draft = load_language_model(bundle.draft)
         self.name = f"speculative ({self.target.backend})"
-        self.draft_length = DraftLength(bundle["k"], bundle["adaptive"])
+        self.draft_length = DraftLength(bundle.k, bundle.adaptive)
         self._start([])
 
     def _start(self, tokens: list[int]) -> None:

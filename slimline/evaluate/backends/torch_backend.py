@@ -82,7 +82,6 @@ class TorchBackend(Backend):
             model = PeftModel.from_pretrained(model, adapter_path).eval()
         self.model = model
         self.cache: DynamicCache | None = None
-        self.position = 0
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -94,14 +93,12 @@ class TorchBackend(Backend):
         """Fresh KV cache filled with the prompt."""
         self.cache = DynamicCache()
         output = self.model(input_ids=input_ids[None], past_key_values=self.cache, use_cache=True)
-        self.position = input_ids.numel()
         return output.logits[0, -1].float()
 
     @torch.inference_mode()
     def decode(self, token: int) -> torch.Tensor:
         """One step on the KV cache."""
         output = self.model(input_ids=torch.tensor([[token]]), past_key_values=self.cache, use_cache=True)
-        self.position += 1
         return output.logits[0, -1].float()
 
     def parameter_count(self) -> int | None:
