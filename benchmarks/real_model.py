@@ -191,6 +191,14 @@ def markdown(result: dict[str, Any]) -> str:
     """The benchmark as Markdown."""
     lines = ["# SmolLM2-135M-Instruct through every CPU stage", "", f"Machine: {result['machine']}.", ""]
     lines += [f"Command: `{result['command']}`; {result['seconds']:.0f} s for this invocation.", ""]
+    load = result["load_average_1_5_15"]
+    lines += [
+        f"Load average (1/5/15 min) at the end: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on 2 cores: absolute"
+    ]
+    lines += [
+        "tok/s are depressed by other work on the machine; the interleaved ratios are the comparable figures.",
+        "",
+    ]
     lines += checks_table(result["checks"])
     lines += ["", "Every artifact scored on the same 4096 held-out stdlib tokens (windows of 256); 'vs parent' is the"]
     lines += ["perplexity change against the artifact's own input (the float `tuned` model for the quantized and"]
