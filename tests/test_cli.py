@@ -19,9 +19,17 @@ runner = CliRunner()
 @pytest.mark.unit
 def test_validate_accepts_the_shipped_pipelines() -> None:
     for path in sorted(Path("pipelines").glob("*.yaml")):
-        result = runner.invoke(app, ["validate", str(path)])
+        result = runner.invoke(app, ["validate", str(path), *model_override(path)])
         assert result.exit_code == 0, result.output
         assert "valid pipeline" in result.output
+
+
+def model_override(path: Path) -> list[str]:
+    """real-model.yaml's GGUF is fetched by its benchmark, not shipped: without it, check its stages on the example model."""
+    model = Path("pipelines/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    if path.name == "real-model.yaml" and not model.exists():
+        return ["--set", "model=builtin:stdlib-coder"]
+    return []
 
 
 @pytest.mark.unit
