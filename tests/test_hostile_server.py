@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-import uvicorn
 
 from slimline.models import load_tokenizer
 from slimline.serve.app import create_app
-from slimline.serve.connections import uvicorn_config
 from slimline.serve.engine import Engine
 from slimline.serve.limits import ServerLimits
 from slimline.serve.models import TorchModel
+from tests.serve.test_server import RunningServer
 
 pytestmark = pytest.mark.e2e
 
@@ -32,48 +30,20 @@ LIMITS = ServerLimits(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class GuardedServer:
-    """uvicorn with slimline's guarded protocol serving ``app`` in a thread on a free localhost port."""
-
-    def __init__(self, app, limits: ServerLimits) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, limits, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
-def server(tiny_model: Path) -> Iterator[GuardedServer]:
+def server(tiny_model: Path) -> Iterator[RunningServer]:
     engine = Engine(TorchModel(tiny_model), load_tokenizer(tiny_model), None, max_active=4)
-    running = GuardedServer(create_app(engine, MODEL, shutdown_grace_seconds=2, limits=LIMITS), LIMITS)
+    running = RunningServer(create_app(engine, MODEL, shutdown_grace_seconds=2, limits=LIMITS), LIMITS)
     yield running
     running.stop()
 
 
-def post(server: GuardedServer, content, path: str = "/v1/completions", **options) -> httpx.Response:
+def post(server: RunningServer, content, path: str = "/v1/completions", **options) -> httpx.Response:
     headers = {"Content-Type": "application/json"}
     return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=30, **options)
 
 
-def still_serving(server: GuardedServer, source: str = "127.0.0.2") -> str:
+def still_serving(server: RunningServer, source: str = "127.0.0.2") -> str:
     """A greedy completion from another client address: the server kept serving."""
     transport = httpx.HTTPTransport(local_address=source)
     with httpx.Client(transport=transport, timeout=30) as client:
@@ -108,7 +78,7 @@ def chunks(total: int, size: int = 65_536) -> Iterator[bytes]:
     ],
 )
 def test_a_hostile_body_gets_a_4xx_quickly_and_others_are_served(
-    server: GuardedServer, content, status: int, needle: str
+    server: RunningServer, content, status: int, needle: str
 ) -> None:
     started = time.perf_counter()
     response = post(server, content)
@@ -119,7 +89,7 @@ def test_a_hostile_body_gets_a_4xx_quickly_and_others_are_served(
     still_serving(server)
 
 
-def test_a_body_that_never_finishes_gets_408(server: GuardedServer) -> None:
+def test_a_body_that_never_finishes_gets_408(server: RunningServer) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"mo')
         sock.settimeout(10)
@@ -129,7 +99,7 @@ def test_a_body_that_never_finishes_gets_408(server: GuardedServer) -> None:
     assert time.perf_counter() - started < 5
 
 
-def test_idle_and_trickling_connections_are_capped_and_closed(server: GuardedServer) -> None:
+def test_idle_and_trickling_connections_are_capped_and_closed(server: RunningServer) -> None:
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
     trickle = idle[0]
     trickle.sendall(b"GET /health HTTP/1.1\r\n")  # a request head that never completes
@@ -162,7 +132,7 @@ def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() -> Non
         finished["at"] = time.monotonic()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    running = GuardedServer(flood, LIMITS)
+    running = RunningServer(flood, LIMITS)
     try:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -17,6 +17,8 @@ import uvicorn
 
 from slimline.serve.app import create_app
 from slimline.serve.bundle import ServeBundle
+from slimline.serve.connections import uvicorn_config
+from slimline.serve.limits import ServerLimits
 from slimline.serve.server import build_engine
 from tests.conftest import build_tiny_model
 
@@ -33,11 +35,15 @@ def free_port() -> int:
 
 
 class RunningServer:
-    """uvicorn serving the app in a background thread on a free localhost port."""
+    """uvicorn serving the app in a background thread on a free localhost port (guarded when given limits)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, limits: ServerLimits | None = None) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        if limits is None:
+            config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        else:  # slimline's guarded protocol, as `slimline serve` runs it
+            config = uvicorn_config(app, "127.0.0.1", self.port, limits, log_level="error")
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
