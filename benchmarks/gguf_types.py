@@ -17,7 +17,6 @@ and the issue's acceptance checks: Q8_0 within 0.5% of F16, Q4_K_M within 5%.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -31,7 +30,7 @@ from slimline.config import load_pipeline
 from slimline.evaluate.backends import open_backend
 from slimline.evaluate.latency import time_one_decode
 from slimline.hardware import machine_description
-from slimline.reports.tables import Column, cell, checks_table, keyed, markdown_table
+from slimline.reports.tables import Column, cell, checks_table, keyed, markdown_table, write_results
 from slimline.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,10 +161,7 @@ def main() -> None:
         "stage_metrics": metrics,
         "reports": reports,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gguf.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out / "gguf.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "gguf", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Writes onnx_export.json and onnx_export.md with every figure and the acceptance 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
@@ -32,7 +31,7 @@ from slimline.evaluate.latency import time_one_decode
 from slimline.export.onnx import greedy_torch
 from slimline.hardware import machine_description
 from slimline.models import load_causal_lm
-from slimline.reports.tables import Column, cell, checks_table, keyed, markdown_table
+from slimline.reports.tables import Column, cell, checks_table, keyed, markdown_table, write_results
 from slimline.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,10 +200,7 @@ def main() -> None:
         "stages": {r.stage_id: {"status": r.status, "reason": r.reason} for r in outcome.results},
         "reports": reports,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "onnx_export.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out / "onnx_export.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "onnx_export", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ half-finished artifact may remain). Writes quantization.json and quantization.md
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import tempfile
@@ -34,7 +33,7 @@ from slimline.evaluate.accuracy import token_windows, window_statistics
 from slimline.evaluate.backends import open_backend
 from slimline.hardware import machine_description
 from slimline.models import load_tokenizer
-from slimline.reports.tables import Column, cell, figures, keyed, markdown_table
+from slimline.reports.tables import Column, cell, figures, keyed, markdown_table, write_results
 from slimline.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,10 +340,7 @@ def main() -> None:
         "reports": reports,
         "refusals": refusals,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantization.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "quantization.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "quantization", result, markdown(result))
 
 
 if __name__ == "__main__":

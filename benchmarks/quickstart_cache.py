@@ -19,7 +19,7 @@ from pathlib import Path
 
 from slimline.hardware import machine_description
 from slimline.reports.rows import Row, rows_from_summary
-from slimline.reports.tables import Column, cell, markdown_table
+from slimline.reports.tables import Column, cell, markdown_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS: tuple[Column[Row], ...] = (
@@ -83,10 +83,7 @@ def main() -> None:
         "warm_statuses": {row["stage"]: row["status"] for row in warm["stages"]},
         "stages": cold["stages"],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quickstart_cache.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "quickstart_cache.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "quickstart_cache", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ decoding with the distilled draft measured.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -39,7 +38,7 @@ from slimline.config import load_pipeline
 from slimline.evaluate.backends import open_backend
 from slimline.evaluate.latency import time_one_decode
 from slimline.hardware import cache_dir, machine_description
-from slimline.reports.tables import checks_table, keyed, markdown_table
+from slimline.reports.tables import checks_table, keyed, markdown_table, write_results
 from slimline.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,10 +249,7 @@ def main() -> None:
         "checks": checks(rows),
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "real_model.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out / "real_model.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "real_model", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from slimline.data import load_texts, tokenize_stream
 from slimline.evaluate.latency import percentile
 from slimline.hardware import machine_description
 from slimline.models import load_causal_lm, load_tokenizer
-from slimline.reports.tables import checks_table, keyed, markdown_table
+from slimline.reports.tables import checks_table, keyed, markdown_table, write_results
 from slimline.serve.models import load_language_model
 from slimline.serve.speculative import DraftLength, timed_greedy
 
@@ -454,10 +454,7 @@ def main() -> None:
     }
     result["checks"] = checks(result)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "speculative.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "speculative", result, markdown(result))
 
 
 if __name__ == "__main__":

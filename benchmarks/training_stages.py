@@ -17,7 +17,6 @@ acceptance check of the training-stages issue.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
@@ -28,7 +27,7 @@ import yaml
 
 from slimline.config import load_pipeline
 from slimline.hardware import machine_description
-from slimline.reports.tables import Column, cell, checks_table, markdown_table
+from slimline.reports.tables import Column, cell, checks_table, markdown_table, write_results
 from slimline.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,11 +179,8 @@ def main() -> None:
         "checks": checks(domain, stdlib),
         "reports": {"domain": domain, "stdlib": stdlib},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "training_stages_quick" if args.quick else "training_stages"
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, name, result, markdown(result))
 
 
 if __name__ == "__main__":

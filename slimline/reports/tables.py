@@ -13,8 +13,10 @@ lines = markdown_table(columns, rows)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from rich.table import Table
@@ -96,3 +98,11 @@ def checks_table(checks: Mapping[str, Mapping[str, Any]], spec: str = ".4g") -> 
         Column("pass", lambda item: "yes" if item[1]["pass"] else "NO"),
     ]
     return markdown_table(columns, checks.items())
+
+
+def write_results(folder: Path, name: str, result: Mapping[str, Any], markdown: str) -> None:
+    """A benchmark's results: ``<name>.json`` (every figure) and ``<name>.md`` (the readable table), printed too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (folder / f"{name}.md").write_text(markdown)
+    print(markdown)  # noqa: T201 - a benchmark script's output
