@@ -326,7 +326,13 @@ def serve(
             help=f"Adapt k to the acceptance rate; default {'on' if ServeBundle.adaptive else 'off'}.",
         ),
     ] = None,
-    max_active: Annotated[int, typer.Option(min=1, help="Requests decoded at once; more wait in a queue.")] = 8,
+    max_active: Annotated[
+        int, typer.Option(min=1, help="Requests holding a slot (decoding or prefilling); more wait in a queue.")
+    ] = 16,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(min=1, help="Requests run together in one batched pass; default --max-active (1: interleaved)."),
+    ] = None,
     limit: Annotated[
         list[str] | None,
         typer.Option(
@@ -342,7 +348,7 @@ def serve(
     setup_logging(quiet=False, ci=False)
     try:
         limits = parse_limits(limit)
-        run_server(target, draft, host, port, api_key, model_name, k, adaptive, max_active, limits=limits)
+        run_server(target, draft, host, port, api_key, model_name, k, adaptive, max_active, max_batch, limits=limits)
     except SlimlineError as error:
         fail(error)
 

@@ -16,10 +16,10 @@ import httpx2 as httpx
 import pytest
 
 from slimline.models import load_tokenizer
+from slimline.runtime.torch_model import TorchModel
 from slimline.serve.app import create_app
 from slimline.serve.engine import Engine
 from slimline.serve.limits import ServerLimits
-from slimline.serve.models import TorchModel
 from tests.serve.test_server import RunningServer
 
 pytestmark = pytest.mark.e2e

@@ -5,46 +5,21 @@ filled past), for any batch: the inputs are ``input_ids [batch, seq]``, ``attent
 [batch, past + seq]`` (1 for real tokens, 0 for left padding), ``position_ids [batch, seq]`` and
 ``past.<i>.key``/``past.<i>.value [batch, kv_heads, past, head_dim]`` per layer; the outputs are
 ``logits [batch, seq, vocab]`` and ``present.<i>.key``/``present.<i>.value`` (past + seq long).
-Backends (ONNX Runtime, TensorRT) feed the presents back as the next step's past.
+Runtimes (ONNX Runtime, TensorRT) feed the presents back as the next step's past; the names
+and shapes live in ``slimline/runtime/layout.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from slimline.runtime.layout import INPUT_NAMES, CacheLayout
+
 # Sizes the export traces with; any size >= 2 keeps torch.export from specialising an axis.
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 4
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    """Shape of one layer's cached keys/values: [batch, kv_heads, length, head_dim]."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, config) -> CacheLayout:
-        """Read the layout from an HF config."""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim)
-
-    def past_names(self) -> list[str]:
-        """Input names of the cache, layer by layer, key then value."""
-        return [f"past.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
-
-    def present_names(self) -> list[str]:
-        """Output names of the updated cache, in the same order."""
-        return [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
-
-
-INPUT_NAMES = ["input_ids", "attention_mask", "position_ids"]
 
 
 class DecoderStep(torch.nn.Module):

@@ -28,11 +28,13 @@ from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact
 from slimline.errors import StageError
-from slimline.evaluate.backends.onnx_backend import MODEL_FILE, OnnxSequence, open_session
-from slimline.export.decoder_graph import CacheLayout, export_decoder
+from slimline.export.decoder_graph import export_decoder
 from slimline.export.int8_graph import quantize_graph_per_token
 from slimline.hardware import cpu_flags, has_vnni, safe_int8_weight_bits
 from slimline.models import load_parent_model
+from slimline.runtime.layout import CacheLayout
+from slimline.runtime.onnx_model import MODEL_FILE, open_session, session_layout
+from slimline.runtime.onnx_model import OnnxModel as GraphModel
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 
 log = logging.getLogger(__name__)
@@ -190,7 +192,9 @@ class PrefillReader:
     """onnxruntime's CalibrationDataReader: each window as a prefill from an empty cache."""
 
     def __init__(self, session, windows: list[np.ndarray]) -> None:
-        self.sequence = OnnxSequence(session)
+        layout, dtype = session_layout(session)
+        empty = np.zeros((1, layout.kv_heads, 0, layout.head_dim), dtype=dtype)
+        self.empty_past = dict.fromkeys(layout.past_names(), empty)
         self.windows = iter(windows)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -198,12 +202,11 @@ class PrefillReader:
         window = next(self.windows, None)
         if window is None:
             return None
-        self.sequence.reset()
         return {
             "input_ids": window.reshape(1, -1).astype(np.int64),
             "attention_mask": np.ones((1, window.size), dtype=np.int64),
             "position_ids": np.arange(window.size, dtype=np.int64).reshape(1, -1),
-            **dict(zip(self.sequence.past_names, self.sequence.past, strict=True)),
+            **self.empty_past,
         }
 
 
@@ -265,10 +268,10 @@ def move_graph(source: Path, target: Path) -> None:
 @torch.inference_mode()
 def check_against_pytorch(model, path: Path, stream: torch.Tensor, params: Params) -> dict[str, float | int]:
     """Logit differences on real tokens and greedy agreement with the KV cache, graph vs PyTorch."""
-    session = open_session(path)
+    graph = GraphModel(path.parent, graph=path, context_length=model.config.max_position_embeddings)
     tokens = stream[: params.check_tokens]
     expected = model(input_ids=tokens[None]).logits[0].float().numpy()
-    actual = OnnxSequence(session).step(tokens.numpy()).astype(np.float32)
+    actual = graph.logits(tokens).numpy()
     difference = np.abs(actual - expected)
     metrics: dict[str, float | int] = {
         "max_abs_logit_difference": float(difference.max()),
@@ -276,12 +279,11 @@ def check_against_pytorch(model, path: Path, stream: torch.Tensor, params: Param
         "max_rel_logit_difference": float(difference.max() / np.abs(expected).max()),
         "mean_abs_logit_difference": float(difference.mean()),
         "check_top1_agreement": float((actual.argmax(-1) == expected.argmax(-1)).mean()),
-        "providers": ",".join(session.get_providers()),
+        "providers": ",".join(graph.providers),
     }
     if params.check_prompts:
         matches = sum(
-            greedy_onnx(session, prompt, params.check_new_tokens)
-            == greedy_torch(model, prompt, params.check_new_tokens)
+            greedy_onnx(graph, prompt, params.check_new_tokens) == greedy_torch(model, prompt, params.check_new_tokens)
             for prompt in check_prompts(stream, params)
         )
         metrics["greedy_prompts_identical"] = matches
@@ -296,14 +298,12 @@ def check_prompts(stream: torch.Tensor, params: Params) -> list[torch.Tensor]:
     return [stream[start : start + length] for start, length in zip(starts, lengths, strict=True)]
 
 
-def greedy_onnx(session, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+def greedy_onnx(graph, prompt: torch.Tensor, new_tokens: int) -> list[int]:
     """Greedy tokens from the graph: prefill, then one token at a time on its cache."""
-    sequence = OnnxSequence(session)
-    token = int(sequence.step(prompt.numpy())[-1].argmax())
-    tokens = [token]
+    sequence = graph.new_sequence()
+    tokens = [int(sequence.extend(prompt.tolist(), all_logits=False)[-1].argmax())]
     for _ in range(new_tokens - 1):
-        token = int(sequence.step(np.array([token]))[-1].argmax())
-        tokens.append(token)
+        tokens.append(int(sequence.extend(tokens[-1:], all_logits=False)[-1].argmax()))
     return tokens
 
 

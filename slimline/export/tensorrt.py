@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact
 from slimline.errors import StageError
-from slimline.evaluate.backends.onnx_backend import MODEL_FILE
+from slimline.runtime.onnx_model import MODEL_FILE
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 
 log = logging.getLogger(__name__)

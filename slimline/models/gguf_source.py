@@ -210,7 +210,7 @@ def check_roundtrip(folder: Path, path: Path, pre_tokenizer: str | None) -> dict
 
 def compare_with_llama_cpp(tokenizer, gguf_path: Path, texts: list[str]) -> dict[str, Any]:
     """Tokenize ``texts`` with an HF tokenizer and with the GGUF's in llama.cpp (no BOS, special tokens parsed)."""
-    from slimline.evaluate.backends.llama_cpp_backend import open_gguf
+    from slimline.runtime.llama_cpp_model import open_gguf
 
     llama = open_gguf(gguf_path, vocab_only=True)
     mismatches, first, tokens = 0, None, 0

@@ -9,7 +9,7 @@ K-quants) falls back to another type, as llama.cpp decides; the stage lists thos
 llama.cpp's own report) and the file's real bits per weight. Before publishing, the GGUF's
 tokenizer is checked against the HF tokenizer on real text: the ids must be identical, or the
 stage fails. The artifact (format ``gguf``, one ``model.gguf``) is evaluated through llama.cpp
-(``evaluate/backends/llama_cpp_backend.py``).
+(``runtime/llama_cpp_model.py``).
 
 ```yaml
 - id: q4
@@ -33,12 +33,12 @@ from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact, require_full_model
 from slimline.errors import StageError
-from slimline.evaluate.backends.llama_cpp_backend import MODEL_FILE, collect_llama_cpp_log
-from slimline.evaluate.backends.llama_cpp_log import take_recent_messages
 from slimline.models import load_tokenizer, stored_dtype
 from slimline.models.gguf_source import EDGE_TEXTS, compare_with_llama_cpp, read_string
 from slimline.quantize import gguf_converter
 from slimline.quantize.common import QUANTIZED_KEY, check_gguf_converter_keys, check_unquantized_shape
+from slimline.runtime.llama_cpp_log import take_recent_messages
+from slimline.runtime.llama_cpp_model import MODEL_FILE, collect_llama_cpp_log
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,15 @@
-"""The serving engine: requests in, text out, speculative decoding in between.
+"""The serving engine: requests in, text out, continuous batching with speculative decoding.
 
-One worker thread owns the models. Requests wait in a FIFO queue until one of ``max_active``
-slots is free (a finished or cancelled request frees its slot at once); the active requests
-take turns, one decoding round each (continuous, round-robin scheduling: a long request never
-blocks a short one behind it). The backends run one sequence per forward pass, so requests are
-interleaved rather than batched into one pass. Every request has its own sequences, caches and
-random generator; nothing of one request is visible to another.
+One worker thread owns the models and schedules at every step (iteration-level scheduling, as
+Orca and vLLM do): waiting requests are admitted into free slots (at most ``max_active``; a
+finished or cancelled request frees its slot at once); prompts of admitted requests are
+prefilled, at most ``max_step_tokens`` prompt tokens per step, so a long prompt is taken in
+chunks while the others keep decoding; then up to ``max_batch`` prefilled requests run one
+speculative round together: batched draft passes, one batched target verification, and each
+request accepts its own prefix (``serve/speculative.py``). When more requests are active than
+``max_batch``, they take turns by rotation; ``max_batch = 1`` is the old interleaved engine.
+Every request has its own sequences, caches and random generator; nothing of one request is
+visible to another.
 
 Text is produced by decoding the generated ids as a whole and emitting only the new, complete
 part: an incomplete UTF-8 character, or a tail that could still become a stop sequence, is held
@@ -19,14 +23,22 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
-from slimline.serve.models import LanguageModel
+from slimline.runtime import RuntimeModel
 from slimline.serve.sampling import SamplingParams
-from slimline.serve.speculative import DecodeStats, DraftLength, generate_tokens, seeded_generator
+from slimline.serve.speculative import (
+    DecodeStats,
+    DraftLength,
+    Lane,
+    open_lane,
+    prefill,
+    seeded_generator,
+    speculative_round,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,32 +139,39 @@ class Job:
     """An active request's decoding state, private to it."""
 
     handle: RequestHandle
-    rounds: Iterator[list[int]]
+    lane: Lane
     text: TextStream
-    stats: DecodeStats
     started: float
-    draft_length: DraftLength | None = None
     first_token: float | None = None
     generated: int = 0
 
+    @property
+    def stats(self) -> DecodeStats:
+        """The request's decoding figures."""
+        return self.lane.stats
+
 
 class Engine:
-    """Speculative decoding for many clients on one target/draft pair."""
+    """Continuous batching with speculative decoding for many clients on one target/draft pair."""
 
     def __init__(
         self,
-        target: LanguageModel,
+        target: RuntimeModel,
         tokenizer,
-        draft: LanguageModel | None = None,
+        draft: RuntimeModel | None = None,
         k: int = 4,
         adaptive: bool = True,
-        max_active: int = 8,
+        max_active: int = 16,
+        max_batch: int | None = None,
+        max_step_tokens: int = 512,
         max_queued: int = 256,
     ) -> None:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
-        # What finished requests learnt about the pair (acceptance, costs): each new request starts from it.
-        self.draft_tuning = DraftLength(k, adaptive)
+        # What the engine learns about the pair (acceptance, batched pass costs) and the k it picks.
+        self.draft_length = DraftLength(k, adaptive)
         self.max_active, self.max_queued = max_active, max_queued
+        self.max_batch = min(max_batch or max_active, max_active)
+        self.max_step_tokens = max_step_tokens
         self.eos_ids = eos_token_ids(tokenizer)
         self.waiting: deque[RequestHandle] = deque()
         self.active: list[Job] = []
@@ -161,6 +180,7 @@ class Engine:
         self.accepting = True
         self.stopping = False
         self.totals = DecodeStats()
+        self.batch_sizes: list[int] = []  # rows of recent decoding steps (the metrics' batch size)
         self.worker = threading.Thread(target=self._work, name="slimline-engine", daemon=True)
         self.worker.start()
 
@@ -219,17 +239,44 @@ class Engine:
                 if self.stopping and not self.active and not self.waiting:
                     return
                 while self.waiting and len(self.active) < self.max_active:
-                    handle = self.waiting.popleft()
-                    job = self._start_safely(handle)
+                    job = self._start_safely(self.waiting.popleft())
                     if job is not None:
                         self.active.append(job)
-                turn = list(self.active)
-            for job in turn:
-                finished = self._advance_safely(job)
-                if finished:
-                    with self.lock:
-                        self.active.remove(job)
-                        self.lock.notify_all()
+            self._step()
+
+    def _step(self) -> None:
+        """One scheduling step: drop cancelled requests, prefill a chunk, one round for a batch."""
+        for job in [job for job in self.active if job.handle.cancelled.is_set()]:
+            self._finish(job, "", "cancelled")
+        prefilling = [job for job in self.active if not job.lane.prefilled]
+        if prefilling:
+            self._run_safely(prefilling, lambda: prefill([job.lane for job in prefilling], self.max_step_tokens))
+        ready = [job for job in self.active if job.lane.prefilled]
+        batch = ready[: self.max_batch]
+        if not batch:
+            return
+        if len(ready) > self.max_batch:  # rotate: the next step starts with those left out of this one
+            with self.lock:
+                for job in batch:
+                    self.active.remove(job)
+                    self.active.append(job)
+        self.batch_sizes = [*self.batch_sizes, len(batch)][-64:]
+        lanes = [job.lane for job in batch]
+        new_tokens = self._run_safely(
+            batch, lambda: speculative_round(self.target, self.draft, lanes, self.draft_length.k, self.draft_length)
+        )
+        for job, tokens in zip(batch, new_tokens or [], strict=True):
+            self._advance_safely(job, tokens)
+
+    def _run_safely(self, jobs: list[Job], work: Callable):
+        """Run one batched pass; a backend failure ends the requests in it (never the engine) and gives None."""
+        try:
+            return work()
+        except Exception as error:
+            log.exception("a batched pass over %d requests failed", len(jobs))
+            for job in jobs:
+                self._finish(job, job.text.flush(), f"error: {type(error).__name__}: {error}")
+            return None
 
     def _start_safely(self, handle: RequestHandle) -> Job | None:
         """``_start``, or None after telling the client why its request could not start (the engine goes on)."""
@@ -240,15 +287,13 @@ class Engine:
             self._emit_safely(handle, Event("", [], f"error: {type(error).__name__}: {error}"))
             return None
 
-    def _advance_safely(self, job: Job) -> bool:
+    def _advance_safely(self, job: Job, tokens: list[int]) -> None:
         """``_advance``; a failure outside the model (detokenising, the client's callback) ends only this request."""
         try:
-            return self._advance(job)
+            self._advance(job, tokens)
         except Exception as error:
             log.exception("request %d failed", job.handle.id)
-            job.rounds.close()
-            self._emit_safely(job.handle, Event("", [], f"error: {type(error).__name__}: {error}"))
-            return True
+            self._finish(job, "", f"error: {type(error).__name__}: {error}")
 
     @staticmethod
     def _emit_safely(handle: RequestHandle, event: Event) -> None:
@@ -261,31 +306,12 @@ class Engine:
     def _start(self, handle: RequestHandle) -> Job:
         request = handle.request
         draft = self.draft if request.speculative else None
-        stats = DecodeStats()
-        draft_length = self.draft_tuning.fork() if draft is not None else None
-        rounds = generate_tokens(
-            self.target,
-            draft,
-            request.prompt_ids,
-            request.sampling,
-            draft_length,
-            seeded_generator(request.seed),
-            stats,
-        )
-        return Job(handle, rounds, TextStream(self.tokenizer, request.stop), stats, time.perf_counter(), draft_length)
+        lane = open_lane(self.target, draft, request.prompt_ids, request.sampling, seeded_generator(request.seed))
+        return Job(handle, lane, TextStream(self.tokenizer, request.stop), time.perf_counter())
 
-    def _advance(self, job: Job) -> bool:
-        """One decoding round for one request; True when the request is finished."""
+    def _advance(self, job: Job, new_tokens: list[int]) -> None:
+        """Take one round's tokens for a request: emit its new text, or finish it."""
         handle = job.handle
-        if handle.cancelled.is_set():
-            return self._finish(job, "", "cancelled")
-        try:
-            new_tokens = next(job.rounds)
-        except StopIteration:
-            return self._finish(job, job.text.flush(), "length")  # the context is full
-        except Exception as error:  # a backend failure ends this request, never the engine
-            log.exception("request %d failed", handle.id)
-            return self._finish(job, job.text.flush(), f"error: {type(error).__name__}: {error}")
         if job.first_token is None:
             job.first_token = time.perf_counter()
         kept, finish = [], None
@@ -300,14 +326,16 @@ class Engine:
         job.generated += len(kept)
         piece, stopped = job.text.add(kept)
         if stopped:
-            return self._finish(job, piece, "stop", kept)
-        if finish is not None:
-            return self._finish(job, piece + job.text.flush(), finish, kept)
-        if piece or kept:
+            self._finish(job, piece, "stop", kept)
+        elif finish is not None:
+            self._finish(job, piece + job.text.flush(), finish, kept)
+        elif job.lane.room <= 0:
+            self._finish(job, piece + job.text.flush(), "length", kept)  # the context is full
+        elif piece or kept:
             handle.emit(Event(piece, kept))
-        return False
 
-    def _finish(self, job: Job, piece: str, reason: str, token_ids: list[int] | None = None) -> bool:
+    def _finish(self, job: Job, piece: str, reason: str, token_ids: list[int] | None = None) -> None:
+        """End a request: free its sequences and slot, send the last event with its figures."""
         elapsed = time.perf_counter() - job.started
         stats = job.stats
         usage = {
@@ -324,13 +352,16 @@ class Engine:
             "time_to_first_token": (job.first_token - job.handle.submitted) if job.first_token else None,
         }
         with self.lock:
+            if job in self.active:
+                self.active.remove(job)
             self.totals.proposed += stats.proposed
             self.totals.accepted += stats.accepted
-            if job.draft_length is not None and stats.target_calls:
-                self.draft_tuning = job.draft_length
-        job.rounds.close()
-        job.handle.emit(Event(piece, token_ids or [], reason, usage))
-        return True
+            self.lock.notify_all()
+        try:
+            job.lane.close()
+        except Exception:
+            log.exception("request %d: its sequences could not be released", job.handle.id)
+        self._emit_safely(job.handle, Event(piece, token_ids or [], reason, usage))
 
 
 def eos_token_ids(tokenizer) -> set[int]:

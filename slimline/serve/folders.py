@@ -17,10 +17,10 @@ from pathlib import Path
 
 from slimline.artifacts import MANIFEST, verify_artifact
 from slimline.errors import ArtifactError
-from slimline.models.checkpoint_checks import checkpoint_problem
+from slimline.models.checkpoint_checks import checkpoint_problem, tokenizer_problem
 
 # Formats the server opens through PyTorch: their folder must be a complete checkpoint.
-TORCH_FORMATS = ("hf", "source")
+TORCH_FORMATS = ("hf", "source", "torch-int8")
 
 
 def check_serving_folder(folder: Path, role: str) -> None:
@@ -35,7 +35,14 @@ def check_serving_folder(folder: Path, role: str) -> None:
         fmt, checkpoint = artifact.format, artifact.model_path
     elif (folder / "model.onnx").exists():
         fmt = "onnx"
-    problem = checkpoint_problem(checkpoint, needs_weights=fmt in TORCH_FORMATS) if fmt != "serve" else None
+    elif (folder / "model.gguf").exists():
+        fmt = "gguf"
+    if fmt == "serve":
+        problem = None
+    elif fmt == "gguf":  # the GGUF file carries its own config; the tokenizer files sit beside it
+        problem = tokenizer_problem(checkpoint)
+    else:
+        problem = checkpoint_problem(checkpoint, needs_weights=fmt in TORCH_FORMATS)
     if problem:
         raise ArtifactError(f"{role} {problem}")
 

@@ -46,6 +46,10 @@ class ServerMetrics:
         )
         self.active = Gauge("slimline_requests_active", "Requests decoding now", registry=self.registry)
         self.waiting = Gauge("slimline_requests_waiting", "Requests waiting for a slot", registry=self.registry)
+        self.batch_size = Gauge(
+            "slimline_batch_size", "Mean requests per batched decoding step (recent steps)", registry=self.registry
+        )
+        self.draft_length = Gauge("slimline_draft_length", "Draft tokens per round (k) now", registry=self.registry)
         self.engine = engine
 
     def observe_http(self, path: str, status: int, seconds: float) -> None:
@@ -79,4 +83,7 @@ class ServerMetrics:
         load = self.engine.load()
         self.active.set(load["active"])
         self.waiting.set(load["waiting"])
+        sizes = list(self.engine.batch_sizes)
+        self.batch_size.set(sum(sizes) / len(sizes) if sizes else 0)
+        self.draft_length.set(self.engine.draft_length.k if self.engine.draft is not None else 0)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -14,23 +14,47 @@ from slimline.serve.limits import ServerLimits
 log = logging.getLogger(__name__)
 
 
-def build_engine(pair: ServeBundle, max_active: int):
+def build_engine(pair: ServeBundle, max_active: int, max_batch: int | None = None):
     """Load the models and the target's tokenizer into an engine (the draft must share the vocabulary)."""
     from slimline.models import load_tokenizer
+    from slimline.runtime import open_model
     from slimline.serve.engine import Engine
-    from slimline.serve.models import load_language_model
 
-    target_model = load_language_model(pair.target)
-    draft_model = load_language_model(pair.draft) if pair.draft is not None else None
-    tokenizer = load_tokenizer(pair.target)
+    tokenizer = load_tokenizer(tokenizer_folder(pair.target))
     if pair.draft is not None:
-        check_same_vocabulary(tokenizer, load_tokenizer(pair.draft), pair.target, pair.draft)
-    return Engine(target_model, tokenizer, draft_model, k=pair.k, adaptive=pair.adaptive, max_active=max_active)
+        draft_tokenizer = load_tokenizer(tokenizer_folder(pair.draft))
+        check_same_vocabulary(tokenizer, draft_tokenizer, pair.target, pair.draft)
+    shares_cores = pair.draft is not None
+    target_model = open_model(pair.target, max_sequences=max_active, shares_cores=shares_cores)
+    draft_model = open_model(pair.draft, max_sequences=max_active, shares_cores=True) if pair.draft else None
+    return Engine(
+        target_model,
+        tokenizer,
+        draft_model,
+        k=pair.k,
+        adaptive=pair.adaptive,
+        max_active=max_active,
+        max_batch=max_batch,
+    )
+
+
+def tokenizer_folder(folder: Path) -> Path:
+    """Where an artifact's tokenizer is: beside its model files (the input artifact: its source checkpoint)."""
+    from slimline.artifacts import MANIFEST
+
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        import json
+
+        model_path = json.loads(manifest.read_text()).get("model_path")
+        if model_path:
+            return Path(model_path)
+    return folder
 
 
 def resolve_pair(target: Path, draft: Path | None, k: int | None, adaptive: bool | None) -> ServeBundle:
     """A ``serve`` artifact names its pair, k and adaptivity; explicit options (not None) win over it."""
-    from slimline.serve.models import artifact_format
+    from slimline.runtime import artifact_format
 
     bundle = read_bundle(target) if target.is_dir() and artifact_format(target) == "serve" else ServeBundle(target)
     explicit = {
@@ -48,7 +72,8 @@ def serve(
     model_name: str | None = None,
     k: int | None = None,
     adaptive: bool | None = None,
-    max_active: int = 8,
+    max_active: int = 16,
+    max_batch: int | None = None,
     shutdown_grace_seconds: float = 10.0,
     limits: ServerLimits | None = None,
 ) -> None:
@@ -73,7 +98,7 @@ def serve(
         if folder is not None:
             check_serving_folder(folder, role)
     with load_errors(pair.target, "target or draft"):
-        engine = build_engine(pair, max_active)
+        engine = build_engine(pair, max_active, max_batch)
     app = create_app(engine, name, api_key, shutdown_grace_seconds, limits)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use it", host)

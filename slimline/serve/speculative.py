@@ -1,26 +1,30 @@
-"""Speculative decoding (Leviathan et al., 2023; Chen et al., 2023) on per-request sequences.
+"""Speculative decoding (Leviathan et al., 2023; Chen et al., 2023) for a batch of requests at once.
 
-Each round the draft proposes ``k`` tokens one at a time; the target scores the pending token
-and all ``k`` proposals in one forward pass; proposals are accepted left to right. Greedy: a
-proposal is accepted when it is the target's argmax, and the first mismatch is replaced by the
-target's argmax, so the output is exactly target-only greedy decoding. Sampling: proposal ``x``
-is accepted with probability ``min(1, p(x) / q(x))``; on rejection a token is drawn from the
-normalised residual ``max(0, p - q)``, which makes every emitted token distributed as the
-target's ``p``. When all ``k`` are accepted the target's last distribution gives one more token.
+Each request is a ``Lane``: its tokens so far, a sequence on the target and one on the draft,
+its sampling parameters and its own random generator. A round runs every lane of a batch
+together: the draft proposes up to ``k`` tokens for every lane in ``k`` batched draft passes;
+the target scores each lane's pending token and proposals in ONE batched pass (ragged: lanes
+differ in length and in how many they propose); then each lane accepts its own prefix. Greedy:
+a proposal is accepted when it is the target's argmax, and the first mismatch is replaced by the
+target's argmax, so every lane's output is exactly target-only greedy decoding. Sampling:
+proposal ``x`` is accepted with probability ``min(1, p(x) / q(x))``; on rejection a token is
+drawn from the normalised residual ``max(0, p - q)``, which makes every emitted token
+distributed as the target's ``p``. When all proposals are accepted the target's last
+distribution gives one more token.
 
-Both caches only ever hold a prefix of the accepted tokens: after a round each is cut back to
-what was accepted, and the next round first feeds whatever each one has not seen.
+Both caches only ever hold a prefix of the lane's accepted tokens: after a round each is cut
+back to what was accepted, and the next round first feeds whatever each one has not seen.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from slimline.serve.models import LanguageModel
+from slimline.runtime import Feed, RuntimeModel, Sequence
 from slimline.serve.sampling import SamplingParams, distribution, sample
 
 
@@ -32,9 +36,6 @@ class DecodeStats:
     accepted: int = 0
     rounds: int = 0
     target_calls: int = 0
-    draft_calls: int = 0
-    target_seconds: float = 0.0
-    draft_seconds: float = 0.0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -49,16 +50,29 @@ def expected_tokens_per_round(acceptance: float, k: int) -> float:
     return (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
+def line_through(points: dict[int, float], x: int) -> float:
+    """Least-squares line through averaged (size, seconds) points, at ``x`` (flat while one size is known)."""
+    seen = sorted(points.items())
+    if len(seen) == 1:
+        return seen[0][1]
+    mean_x = sum(a for a, _ in seen) / len(seen)
+    mean_y = sum(b for _, b in seen) / len(seen)
+    slope = sum((a - mean_x) * (b - mean_y) for a, b in seen) / sum((a - mean_x) ** 2 for a, _ in seen)
+    return max(mean_y + max(slope, 0.0) * (x - mean_x), 1e-9)
+
+
 class DraftLength:
-    """Chooses ``k`` per round: fixed, or the k that maximises the expected tokens per second.
+    """Chooses ``k`` per round for a batch: fixed, or the k that maximises expected tokens per second.
 
     Adaptive mode models a round as in Leviathan et al.: each proposal is accepted with
     probability ``a`` (estimated from decayed counts of accepted and rejected proposals), so a
-    round yields ``E[tokens](a, k)``; it costs ``k`` draft steps (moving average ``d``) plus one
-    target pass over ``k + 1`` tokens, ``v(k)``: a line fitted to the average measured pass time
-    for each pass length seen, because a longer verification costs more. k = 0 (target only)
-    is picked when no draft length pays for itself; then every ``probe_every`` rounds a k = 1
-    round re-measures the acceptance, so a draft that starts agreeing again is used again.
+    lane yields ``E[tokens](a, k)`` per round. A round over ``rows`` lanes costs ``k`` draft
+    passes of ``rows`` rows, ``d(rows)``, plus one target pass over ``rows * (k + 1)`` tokens,
+    ``v``; both are lines fitted to the average measured time of each size seen, because a
+    batched pass over more rows or tokens costs more, but far less than proportionally. k = 0
+    (target only) is picked when no draft length pays for itself; then every ``probe_every``
+    rounds a k = 1 round re-measures the acceptance, so a draft that starts agreeing again is
+    used again.
     """
 
     def __init__(
@@ -77,7 +91,7 @@ class DraftLength:
         self.smoothing = smoothing
         self.probe_every = probe_every
         self.accepted, self.rejected = 1.4, 0.6  # a prior worth two proposals at a = 0.7
-        self.draft_step_seconds: float | None = None
+        self.draft_seconds: dict[int, float] = {}  # rows in one draft pass -> moving average seconds
         self.pass_seconds: dict[int, float] = {}  # tokens in one target pass -> moving average seconds
         self.rounds_without_draft = 0
 
@@ -86,26 +100,14 @@ class DraftLength:
         """Estimated probability that one proposal is accepted."""
         return min(self.accepted / (self.accepted + self.rejected), 0.99)
 
-    def update(
-        self, proposed: int, accepted: int, draft_step_seconds: float | None, target_pass_seconds: float | None
-    ) -> None:
-        """Fold one round's outcome (``proposed`` 0: a target-only step) into the estimates and re-pick k.
+    def observe_acceptance(self, proposed: int, accepted: int) -> None:
+        """Fold one lane's round into the acceptance estimate."""
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + (1 if accepted < proposed else 0)
 
-        A time is None when that call also caught up on a prompt or on tokens it skipped: such
-        calls say nothing about the cost of a steady round.
-        """
-        if target_pass_seconds is not None:
-            self.observe_pass(proposed + 1, target_pass_seconds)
-        if proposed:
-            self.accepted = self.decay * self.accepted + accepted
-            self.rejected = self.decay * self.rejected + (1 if accepted < proposed else 0)
-            if draft_step_seconds is not None:
-                self.draft_step_seconds = self.moving_average(self.draft_step_seconds, draft_step_seconds)
-            self.rounds_without_draft = 0
-        else:
-            self.rounds_without_draft += 1
-        if self.adaptive:
-            self.k = self.best_k()
+    def observe_draft(self, rows: int, seconds: float) -> None:
+        """Average one draft pass's time by how many rows it ran."""
+        self.draft_seconds[rows] = self.moving_average(self.draft_seconds.get(rows), seconds)
 
     def observe_pass(self, tokens: int, seconds: float) -> None:
         """Average one target pass's time by how many tokens it scored."""
@@ -116,34 +118,38 @@ class DraftLength:
         return value if average is None else average + self.smoothing * (value - average)
 
     def pass_cost(self, tokens: int) -> float:
-        """Seconds of one target pass over ``tokens`` tokens: least squares through the averages seen."""
-        seen = sorted(self.pass_seconds.items())
-        if len(seen) == 1:
-            return seen[0][1]  # one length seen: assume flat until another length is measured
-        mean_x = sum(x for x, _ in seen) / len(seen)
-        mean_y = sum(y for _, y in seen) / len(seen)
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in seen) / sum((x - mean_x) ** 2 for x, _ in seen)
-        return max(mean_y + max(slope, 0.0) * (tokens - mean_x), 1e-9)
+        """Seconds of one target pass over ``tokens`` tokens."""
+        return line_through(self.pass_seconds, tokens)
 
-    def tokens_per_second(self, k: int) -> float:
-        """The model's expected decode rate with ``k`` proposals per round."""
-        seconds = k * (self.draft_step_seconds or 0.0) + self.pass_cost(k + 1)
-        return expected_tokens_per_round(self.acceptance, k) / seconds
+    def draft_cost(self, rows: int) -> float:
+        """Seconds of one draft pass over ``rows`` rows (0 before any was measured)."""
+        return line_through(self.draft_seconds, rows) if self.draft_seconds else 0.0
 
-    def best_k(self) -> int:
+    def tokens_per_second(self, k: int, rows: int = 1) -> float:
+        """The batch's expected decode rate with ``k`` proposals per lane per round."""
+        seconds = k * self.draft_cost(rows) + self.pass_cost(rows * (k + 1))
+        return rows * expected_tokens_per_round(self.acceptance, k) / seconds
+
+    def best_k(self, rows: int = 1) -> int:
         """The k the model expects to decode fastest (0: target only, with a periodic probe)."""
-        if self.draft_step_seconds is None or not self.pass_seconds:
+        if not self.draft_seconds or not self.pass_seconds:
             return self.k  # nothing measured yet
-        best = max(range(self.max_k + 1), key=self.tokens_per_second)
+        best = max(range(self.max_k + 1), key=lambda k: self.tokens_per_second(k, rows))
         if best == 0 and self.rounds_without_draft >= self.probe_every:
             return 1  # re-measure the draft now and then
         return best
 
+    def finish_round(self, drafted: bool, rows: int) -> None:
+        """Count a round (``drafted``: proposals were made) and re-pick k for a batch of ``rows`` lanes."""
+        self.rounds_without_draft = 0 if drafted else self.rounds_without_draft + 1
+        if self.adaptive:
+            self.k = self.best_k(max(rows, 1))
+
     def fork(self) -> DraftLength:
-        """A copy carrying these estimates, for the next request on the same pair."""
+        """A copy carrying these estimates."""
         copy = DraftLength(self.k, self.adaptive, self.max_k, self.decay, self.smoothing, self.probe_every)
         copy.accepted, copy.rejected = self.accepted, self.rejected
-        copy.draft_step_seconds, copy.pass_seconds = self.draft_step_seconds, dict(self.pass_seconds)
+        copy.draft_seconds, copy.pass_seconds = dict(self.draft_seconds), dict(self.pass_seconds)
         return copy
 
 
@@ -179,130 +185,200 @@ def verify(
 
 
 @dataclass
-class Round:
-    """One speculative round: what the draft proposed, what the target kept, what each side cost."""
+class Lane:
+    """One request's decoding state: its tokens, its sequences on both models, how it picks tokens."""
 
-    drafts: list[int]
-    accepted: int
-    following: int
-    target_logits: torch.Tensor  # [proposals + 1, vocab]: after the pending token and after each proposal
-    draft_seconds: float
-    target_seconds: float
-    draft_fed: int  # tokens the draft's first call fed: 1 or 2 in a steady round, more after a prompt or a pause
-    target_fed: int  # tokens the target's pass fed: proposals + 1 in a steady round
+    tokens: list[int]  # the prompt, then every accepted token
+    target: Sequence
+    draft: Sequence | None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    # Filled by each round: the proposals made, how many were accepted, and the target's logits for them.
+    drafts: list[int] = field(default_factory=list)
+    draft_probabilities: list[torch.Tensor | None] = field(default_factory=list)
+    verified_logits: torch.Tensor | None = None  # the target's, after the pending token and each proposal
 
     @property
-    def new_tokens(self) -> list[int]:
-        """The accepted proposals and the target's token after them."""
-        return [*self.drafts[: self.accepted], self.following]
+    def prefilled(self) -> bool:
+        """The target has cached everything but the last token (which the next round feeds)."""
+        return self.target.length >= len(self.tokens) - 1
+
+    @property
+    def room(self) -> int:
+        """Tokens the lane may still add before the target's context is full."""
+        return self.target.model.context_length - len(self.tokens)
+
+    def close(self) -> None:
+        """Release both sequences."""
+        self.target.close()
+        if self.draft is not None:
+            self.draft.close()
+
+
+def prefill(lanes: list[Lane], budget: int) -> int:
+    """Feed the prompts of lanes not yet prefilled, at most ``budget`` tokens in all; the tokens fed.
+
+    Each model runs one batched pass per call, so a long prompt is taken in chunks over several
+    calls while the other lanes keep decoding in between (a long prompt does not stall the batch).
+    """
+    feeds: dict[int, list[Feed]] = {}  # id(model) -> rows
+    models: dict[int, RuntimeModel] = {}
+    used = 0
+    for lane in lanes:
+        for sequence in (lane.target, lane.draft):
+            if sequence is None or budget - used <= 0:
+                continue
+            missing = len(lane.tokens) - 1 - sequence.length
+            if missing <= 0:
+                continue
+            chunk = lane.tokens[sequence.length : sequence.length + min(missing, budget - used)]
+            used += len(chunk) if sequence is lane.target else 0  # the budget bounds the target's work
+            feeds.setdefault(id(sequence.model), []).append(Feed(sequence, chunk, all_logits=False))
+            models[id(sequence.model)] = sequence.model
+    for key, rows in feeds.items():
+        models[key].forward(rows)
+    return used
+
+
+def draft_pass_rows(lanes: list[Lane], index: int, ks: list[int]) -> list[tuple[Lane, list[int]]]:
+    """The lanes still proposing at step ``index`` and what each feeds its draft sequence."""
+    rows = []
+    for lane, k in zip(lanes, ks, strict=True):
+        if index >= k:
+            continue
+        pending = lane.tokens[lane.draft.length :] if index == 0 else [lane.drafts[-1]]
+        rows.append((lane, pending))
+    return rows
+
+
+def propose(draft: RuntimeModel, lanes: list[Lane], ks: list[int], length: DraftLength | None) -> None:
+    """Up to ``max(ks)`` batched draft passes: each lane proposes its ``k`` tokens (greedy or sampled)."""
+    for lane in lanes:
+        lane.drafts, lane.draft_probabilities = [], []
+    for index in range(max(ks, default=0)):
+        rows = draft_pass_rows(lanes, index, ks)
+        started = time.perf_counter()
+        logits = draft.forward([Feed(lane.draft, tokens, all_logits=False) for lane, tokens in rows])
+        if length is not None and all(len(tokens) <= 2 for _, tokens in rows):  # a steady pass, no catch-up
+            length.observe_draft(len(rows), time.perf_counter() - started)
+        for (lane, _), row in zip(rows, logits, strict=True):
+            if lane.params.greedy:
+                lane.drafts.append(int(row[-1].argmax()))
+                lane.draft_probabilities.append(None)
+            else:
+                q = distribution(row[-1], lane.params)
+                lane.drafts.append(sample(q, lane.generator))
+                lane.draft_probabilities.append(q)
 
 
 def speculative_round(
-    target_sequence,
-    draft_sequence,
-    tokens: list[int],
+    target: RuntimeModel,
+    draft: RuntimeModel | None,
+    lanes: list[Lane],
     k: int,
+    length: DraftLength | None = None,
+) -> list[list[int]]:
+    """One round for every lane (prefilled): proposals, one batched verification; each lane's new tokens.
+
+    Lanes without a draft sequence, and ``k`` 0, make a plain target step. ``length`` (when
+    given) learns the acceptance and the pass costs and re-picks k for the next round.
+    """
+    ks = [max(0, min(k, lane.room - 1)) if lane.draft is not None and draft is not None else 0 for lane in lanes]
+    drafting = [(lane, k_i) for lane, k_i in zip(lanes, ks, strict=True) if k_i]
+    if drafting:
+        propose(draft, [lane for lane, _ in drafting], [k_i for _, k_i in drafting], length)
+    for lane, k_i in zip(lanes, ks, strict=True):
+        if not k_i:
+            lane.drafts, lane.draft_probabilities = [], []
+    feeds = [Feed(lane.target, lane.tokens[lane.target.length :] + lane.drafts) for lane in lanes]
+    started = time.perf_counter()
+    logits = target.forward(feeds)
+    if length is not None and all(len(f.tokens) == k_i + 1 for f, k_i in zip(feeds, ks, strict=True)):
+        length.observe_pass(sum(len(f.tokens) for f in feeds), time.perf_counter() - started)
+    new_tokens = [accept(lane, row[-(len(lane.drafts) + 1) :], length) for lane, row in zip(lanes, logits, strict=True)]
+    if length is not None:
+        length.finish_round(bool(drafting), sum(1 for lane in lanes if lane.draft is not None))
+    return new_tokens
+
+
+def accept(lane: Lane, target_logits: torch.Tensor, length: DraftLength | None) -> list[int]:
+    """Apply the acceptance rule to a lane's proposals, cut both caches back; the lane's new tokens."""
+    accepted, following = verify(lane.drafts, lane.draft_probabilities, target_logits, lane.params, lane.generator)
+    lane.verified_logits = target_logits
+    new = [*lane.drafts[:accepted], following]
+    lane.tokens += new
+    lane.target.truncate(len(lane.tokens) - 1)  # the last token is fed with the next round
+    if lane.draft is not None:
+        lane.draft.truncate(min(lane.draft.length, len(lane.tokens) - 1))
+    lane.stats.target_calls += 1
+    if lane.drafts:
+        lane.stats.rounds += 1
+        lane.stats.proposed += len(lane.drafts)
+        lane.stats.accepted += accepted
+        if length is not None:
+            length.observe_acceptance(len(lane.drafts), accepted)
+    return new
+
+
+def open_lane(
+    target: RuntimeModel,
+    draft: RuntimeModel | None,
+    prompt: list[int],
     params: SamplingParams,
     generator: torch.Generator,
-) -> Round:
-    """The draft proposes ``k`` tokens (0: a plain target step), the target scores them in one pass.
-
-    Each sequence is first fed the tokens it has not seen; cutting the caches back to what was
-    accepted is the caller's job.
-    """
-    draft_fed = len(tokens) - draft_sequence.length if k else 0
-    started = time.perf_counter()
-    drafts, draft_probabilities = propose(draft_sequence, tokens, k, params, generator) if k else ([], [])
-    drafted = time.perf_counter()
-    fed = tokens[target_sequence.length :] + drafts
-    target_logits = target_sequence.extend(fed)[-(len(drafts) + 1) :]
-    verified = time.perf_counter()
-    accepted, following = verify(drafts, draft_probabilities, target_logits, params, generator)
-    return Round(drafts, accepted, following, target_logits, drafted - started, verified - drafted, draft_fed, len(fed))
+) -> Lane:
+    """A lane with fresh sequences on the target (and the draft)."""
+    if not prompt:
+        raise ValueError("a prompt needs at least one token")
+    target_sequence = target.new_sequence()
+    try:
+        draft_sequence = draft.new_sequence() if draft is not None else None
+    except Exception:
+        target_sequence.close()
+        raise
+    return Lane(list(prompt), target_sequence, draft_sequence, params, generator)
 
 
 def generate_tokens(
-    target: LanguageModel,
-    draft: LanguageModel | None,
+    target: RuntimeModel,
+    draft: RuntimeModel | None,
     prompt: list[int],
     params: SamplingParams,
-    draft_length: DraftLength | None,
+    length: DraftLength | None,
     generator: torch.Generator,
-    stats: DecodeStats,
+    stats: DecodeStats | None = None,
+    prefill_chunk: int = 512,
 ) -> Iterator[list[int]]:
-    """Yield the new tokens of each round until the context is full; the caller stops earlier as it needs."""
-    tokens = list(prompt)
-    target_sequence = target.new_sequence()
-    draft_sequence = draft.new_sequence() if draft is not None else None
-    while len(tokens) < target.context_length:
-        room = target.context_length - len(tokens)  # the verify pass may cache up to k tokens past the end
-        k = min(draft_length.k, room - 1) if draft_sequence is not None and draft_length else 0
-        outcome = speculative_round(target_sequence, draft_sequence, tokens, k, params, generator)
-        tokens += outcome.new_tokens
-        target_sequence.truncate(len(tokens) - 1)  # the last token is fed with the next round
-        if draft_sequence is not None:
-            draft_sequence.truncate(min(draft_sequence.length, len(tokens) - 1))
-        record_round(stats, draft_length, outcome)
-        yield outcome.new_tokens
+    """One request alone: yield the new tokens of each round until the context is full."""
+    lane = open_lane(target, draft if length is not None else None, prompt, params, generator)
+    if stats is not None:
+        lane.stats = stats
+    try:
+        while not lane.prefilled:
+            prefill([lane], prefill_chunk)
+        while lane.room > 0:
+            yield speculative_round(target, draft, [lane], length.k if length is not None else 0, length)[0]
+    finally:
+        lane.close()
 
 
 def timed_greedy(
-    target: LanguageModel,
-    draft: LanguageModel | None,
+    target: RuntimeModel,
+    draft: RuntimeModel | None,
     prompt: list[int],
     new_tokens: int,
-    draft_length: DraftLength | None,
+    length: DraftLength | None,
 ) -> tuple[list[int], float, DecodeStats]:
     """Greedy-decode ``new_tokens`` tokens after ``prompt``: (the tokens, tokens per second, the stats)."""
     stats = DecodeStats()
     started = time.perf_counter()
     tokens: list[int] = []
-    for new in generate_tokens(target, draft, prompt, SamplingParams(), draft_length, torch.Generator(), stats):
+    for new in generate_tokens(target, draft, prompt, SamplingParams(), length, torch.Generator(), stats):
         tokens += new
         if len(tokens) >= new_tokens:
             break
     return tokens[:new_tokens], new_tokens / (time.perf_counter() - started), stats
-
-
-def propose(
-    sequence, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator
-) -> tuple[list[int], list[torch.Tensor | None]]:
-    """The draft's k proposals and (when sampling) the distributions they were drawn from."""
-    logits = sequence.extend(tokens[sequence.length :])[-1]
-    drafts, probabilities = [], []
-    for index in range(k):
-        if params.greedy:
-            drafts.append(int(logits.argmax()))
-            probabilities.append(None)
-        else:
-            q = distribution(logits, params)
-            drafts.append(sample(q, generator))
-            probabilities.append(q)
-        if index < k - 1:
-            logits = sequence.extend([drafts[-1]])[-1]
-    return drafts, probabilities
-
-
-def record_round(stats: DecodeStats, draft_length: DraftLength | None, outcome: Round) -> None:
-    """Count one round (no proposals: a target-only step) and let the draft length adapt."""
-    k = len(outcome.drafts)
-    stats.target_calls += 1
-    stats.target_seconds += outcome.target_seconds
-    if k:
-        stats.rounds += 1
-        stats.proposed += k
-        stats.accepted += outcome.accepted
-        stats.draft_calls += k
-        stats.draft_seconds += outcome.draft_seconds
-    if draft_length is not None:
-        steady_draft = k and outcome.draft_fed <= 2
-        steady_target = outcome.target_fed == k + 1
-        draft_length.update(
-            k,
-            outcome.accepted,
-            outcome.draft_seconds / k if steady_draft else None,
-            outcome.target_seconds if steady_target else None,
-        )
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:

@@ -1,7 +1,8 @@
 """The ``serve`` stage: pair a target with a draft for speculative decoding, and measure the pair.
 
 The stage reads the target (its ``from:``) and the draft (``params.draft``, a stage defined
-earlier in the file; both ``hf`` or both ``onnx``, sharing a tokenizer), decodes real
+earlier in the file; any two formats the runtime layer runs: ``hf``, ``torch-int8``, GPTQ,
+``onnx``, ``gguf``, ``tensorrt``, sharing a tokenizer), decodes real
 calibration-split prompts greedily with the target alone and speculatively, checks the outputs
 are identical, and writes ``serve.json``: the pair, k and whether it adapts. Format ``serve``;
 the evaluator measures it like any artifact, through a speculative backend (accuracy is the
@@ -27,7 +28,9 @@ from pydantic import Field
 
 from slimline.artifacts import Artifact
 from slimline.errors import ArtifactError, StageError
+from slimline.runtime import RUNTIME_BY_FORMAT
 from slimline.serve.bundle import ServeBundle, check_same_vocabulary, write_bundle
+from slimline.serve.deploy import DeployOptions, write_deployment
 from slimline.stage import StageContext, StageOutput, StageParams, StageSpec, same_shape
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 SPEC = StageSpec(kind="serve", requires=(), extra=None, device="any", data=("calibration",), extra_inputs=("draft",))
 check_shape = same_shape
 
-SERVABLE_FORMATS = ("hf", "source", "onnx")
+SERVABLE_FORMATS = tuple(RUNTIME_BY_FORMAT)
 
 
 class Params(StageParams):
@@ -49,17 +52,20 @@ class Params(StageParams):
     )
     check_prompts: int = Field(4, ge=1, description="Calibration prompts decoded both ways to check and time.")
     check_new_tokens: int = Field(64, ge=8, description="Greedy tokens per check prompt.")
+    deploy: DeployOptions = Field(
+        default_factory=DeployOptions,
+        description="Options of the deployment bundle written beside serve.json (vLLM, llama-server, Dockerfile).",
+    )
 
 
 def check_pair(target: Artifact, draft: Artifact) -> None:
-    """Both models must be servable by the same kind of backend."""
+    """Both models must be formats the runtime layer runs (they may run on different runtimes)."""
     for role, artifact in (("target", target), ("draft", draft)):
         if artifact.format not in SERVABLE_FORMATS:
             raise StageError(
-                f"the {role} {artifact.manifest['stage']!r} is {artifact.format!r}; serve takes hf or onnx"
+                f"the {role} {artifact.manifest['stage']!r} is {artifact.format!r}; serve takes "
+                f"{', '.join(SERVABLE_FORMATS)}"
             )
-    if (target.format == "onnx") != (draft.format == "onnx"):
-        raise StageError("target and draft must run on the same backend: both onnx, or both hf")
 
 
 def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
@@ -81,6 +87,9 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
             f" of {params.check_prompts} prompts"
         )
     write_bundle(ctx.work_dir, ServeBundle(target.path, draft.path, params.k, params.adaptive))
+    metrics["deployment"] = write_deployment(
+        ctx.work_dir, target, draft, params.deploy, k=params.k, adaptive=params.adaptive
+    )
     for name in ("config.json", "generation_config.json"):
         if (target.model_path / name).exists():
             (ctx.work_dir / name).write_bytes((target.model_path / name).read_bytes())
@@ -89,10 +98,10 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
 
 def measure_pair(target_path: Path, draft_path: Path, stream: torch.Tensor, params: Params) -> dict:
     """Target-only and speculative greedy decoding of the same prompts: rates, acceptance, exactness."""
-    from slimline.serve.models import load_language_model
+    from slimline.runtime import open_model
     from slimline.serve.speculative import DraftLength, timed_greedy
 
-    target, draft = load_language_model(target_path), load_language_model(draft_path)
+    target, draft = open_model(target_path, shares_cores=True), open_model(draft_path, shares_cores=True)
     step = max(1, (stream.numel() - 64) // params.check_prompts)
     prompts = [stream[i * step : i * step + 64].tolist() for i in range(params.check_prompts)]
     plain_rates, speculative_rates, acceptance, identical = [], [], [], 0
@@ -105,6 +114,8 @@ def measure_pair(target_path: Path, draft_path: Path, stream: torch.Tensor, para
         speculative_rates.append(rate)
         acceptance.append(stats.acceptance_rate or 0.0)
         identical += plain_tokens == speculative_tokens
+    target.close()
+    draft.close()
     plain, speculative = statistics.median(plain_rates), statistics.median(speculative_rates)
     log.info("serve: target-only %.1f tok/s, speculative %.1f tok/s (%.2fx)", plain, speculative, speculative / plain)
     return {
@@ -115,4 +126,5 @@ def measure_pair(target_path: Path, draft_path: Path, stream: torch.Tensor, para
         "identical_prompts": identical,
         "check_prompts": params.check_prompts,
         "backend": target.backend,
+        "draft_backend": draft.backend,
     }

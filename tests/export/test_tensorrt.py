@@ -79,5 +79,5 @@ def test_onnxruntime_cuda_fp16_is_the_gpu_path_without_tensorrt(tiny_model: Path
     assert result.artifact.manifest["stage_metrics"]["providers"].startswith("CUDAExecutionProvider")
     model = load_causal_lm(tiny_model)
     backend = open_backend(result.artifact)
-    assert backend.providers[0] == "CUDAExecutionProvider"
+    assert backend.model.providers[0] == "CUDAExecutionProvider"
     assert greedy_agreement(backend, model, prompts(model.config.vocab_size)) >= 2 / 3

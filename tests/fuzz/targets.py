@@ -156,11 +156,11 @@ def start_fuzz_server(folder: Path):
     import uvicorn
 
     from slimline.models import load_tokenizer
+    from slimline.runtime.torch_model import TorchModel
     from slimline.serve.app import create_app
     from slimline.serve.connections import uvicorn_config
     from slimline.serve.engine import Engine
     from slimline.serve.limits import ServerLimits
-    from slimline.serve.models import TorchModel
     from tests.conftest import build_tiny_model
 
     model = build_tiny_model(folder / "model")

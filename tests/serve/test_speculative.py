@@ -1,4 +1,5 @@
-"""Speculative decoding: greedy output equals the target's, sampling follows the target's distribution."""
+"""Speculative decoding: greedy output equals the target's, sampling follows the target's distribution,
+alone and in batched rounds where requests join and leave."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimline.serve.models import LanguageModel, Sequence, TorchModel
+from slimline.runtime import Feed, RuntimeModel, Sequence
+from slimline.runtime.torch_model import TorchModel
 from slimline.serve.sampling import SamplingParams, distribution
 from slimline.serve.speculative import (
     DecodeStats,
     DraftLength,
-    Round,
+    Lane,
     expected_tokens_per_round,
     generate_tokens,
-    record_round,
+    open_lane,
+    prefill,
+    speculative_round,
 )
 from tests.conftest import build_tiny_model
 
@@ -26,22 +30,18 @@ pytestmark = pytest.mark.unit
 class TableSequence(Sequence):
     """A sequence on a fixed bigram table: next-token logits depend on the last token only."""
 
-    def __init__(self, table: torch.Tensor) -> None:
-        self.table, self.tokens = table, []
+    def __init__(self, model: TableModel) -> None:
+        self.model, self.tokens = model, []
 
     @property
     def length(self) -> int:
         return len(self.tokens)
 
-    def extend(self, tokens: list[int]) -> torch.Tensor:
-        self.tokens += tokens
-        return self.table[torch.tensor(tokens)]
-
     def truncate(self, length: int) -> None:
         self.tokens = self.tokens[:length]
 
 
-class TableModel(LanguageModel):
+class TableModel(RuntimeModel):
     """A bigram language model over a tiny vocabulary: exact distributions to test sampling against."""
 
     backend, name, context_length = "table", "table", 64
@@ -50,7 +50,15 @@ class TableModel(LanguageModel):
         self.table = table
 
     def new_sequence(self) -> Sequence:
-        return TableSequence(self.table)
+        return TableSequence(self)
+
+    def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
+        rows = []
+        for feed in feeds:
+            feed.sequence.tokens += feed.tokens
+            logits = self.table[torch.tensor(feed.tokens)]
+            rows.append(logits if feed.all_logits else logits[-1:])
+        return rows
 
 
 def first_tokens(target, draft, prompt, params, k, count, seed=0, stats=None) -> list[int]:
@@ -111,6 +119,43 @@ def test_draft_distribution_alone_would_fail_the_same_test() -> None:
     assert chi_square > 37.7
 
 
+def first_two_tokens_batched(target, draft, params, k: int, lanes: int, seed: int) -> tuple[list, DecodeStats]:
+    """The first two tokens after prompt [0] of ``lanes`` requests decoded together in batched rounds."""
+    batch = [
+        open_lane(target, draft, [0], params, torch.Generator().manual_seed(seed * lanes + i)) for i in range(lanes)
+    ]
+    length = DraftLength(k, adaptive=False)
+    while any(len(lane.tokens) < 3 for lane in batch):
+        speculative_round(target, draft, [lane for lane in batch if len(lane.tokens) < 3], k, length)
+    stats = DecodeStats()
+    for lane in batch:
+        stats.proposed += lane.stats.proposed
+        stats.accepted += lane.stats.accepted
+    return [tuple(lane.tokens[1:3]) for lane in batch], stats
+
+
+def test_batched_sampling_follows_the_target_distribution_chi_square() -> None:
+    """Lanes verified in one batched pass, each with its own generator, still sample from the target."""
+    vocab = 4
+    generator = torch.Generator().manual_seed(0)
+    target_table = torch.randn(vocab, vocab, generator=generator) * 1.5
+    draft_table = torch.randn(vocab, vocab, generator=generator) * 1.5
+    target, draft = TableModel(target_table), TableModel(draft_table)
+    p = torch.softmax(target_table.double(), dim=-1)
+    expected = {(a, b): float(p[0, a] * p[a, b]) for a, b in itertools.product(range(vocab), repeat=2)}
+    counts, proposed, accepted = dict.fromkeys(expected, 0), 0, 0
+    for seed in range(750):
+        pairs, stats = first_two_tokens_batched(target, draft, SamplingParams(temperature=1.0), 3, 8, seed)
+        proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+        for pair in pairs:
+            counts[pair] += 1
+    draws = sum(counts.values())
+    assert draws == 6000
+    chi_square = sum((counts[c] - draws * e) ** 2 / (draws * e) for c, e in expected.items())
+    assert chi_square < 37.7, (chi_square, counts)  # 15 degrees of freedom, 99.9% quantile
+    assert 0.05 < accepted / proposed < 0.95
+
+
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[TorchModel, TorchModel]:
     """A 2-layer target and a different 1-layer draft sharing its tokenizer (real transformers models)."""
@@ -141,6 +186,67 @@ def test_generation_stops_at_the_context_limit(tiny_pair) -> None:
     assert len(prompt) + len(tokens) == target.context_length  # never past it, even with drafts pending
 
 
+def decode_batch(target, draft, prompts, count: int, k: int, joins: dict[int, int] | None = None) -> list[list[int]]:
+    """Greedy-decode ``prompts`` together; lane i joins at round ``joins[i]`` (default 0) and leaves after ``count``.
+
+    Prompts are prefilled in small chunks, so a long prompt spans several steps while others decode.
+    """
+    joins = joins or {}
+    lanes = [open_lane(target, draft, p, SamplingParams(), torch.Generator()) for p in prompts]
+    done: dict[int, list[int]] = {}
+    length = DraftLength(k, adaptive=False)
+    step = 0
+    while len(done) < len(lanes):
+        active = [i for i, _ in enumerate(lanes) if i not in done and joins.get(i, 0) <= step]
+        prefill([lanes[i] for i in active], 16)
+        ready = [i for i in active if lanes[i].prefilled]
+        if ready:
+            speculative_round(target, draft, [lanes[i] for i in ready], k, length)
+        for i in ready:
+            generated = lanes[i].tokens[len(prompts[i]) :]
+            if len(generated) >= count:
+                done[i] = generated[:count]
+                lanes[i].close()
+        step += 1
+    return [done[i] for i in range(len(lanes))]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_batched_greedy_equals_each_prompt_alone(tiny_pair, batch: int) -> None:
+    """Ragged prompts (1 to 45 tokens) decoded together give each prompt's greedy completion alone."""
+    target, draft = tiny_pair
+    generator = torch.Generator().manual_seed(batch)
+    lengths = [1, 45, 7, 12, 30, 3, 20, 9][:batch]
+    prompts = [torch.randint(1, 500, (n,), generator=generator).tolist() for n in lengths]
+    expected = [first_tokens(target, None, p, SamplingParams(), 0, 24) for p in prompts]
+    assert decode_batch(target, None, prompts, 24, 0) == expected  # batched target-only
+    assert decode_batch(target, draft, prompts, 24, 3) == expected  # batched speculative
+    assert decode_batch(target, target, prompts, 24, 4) == expected  # all accepted: the extra token path
+
+
+def test_requests_join_and_leave_mid_batch(tiny_pair) -> None:
+    """Lanes joining while others decode, and lanes leaving early, change nobody's output."""
+    target, draft = tiny_pair
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(1, 500, (n,), generator=generator).tolist() for n in (5, 33, 8, 2)]
+    expected = [first_tokens(target, None, p, SamplingParams(), 0, 20) for p in prompts]
+    outputs = decode_batch(target, draft, prompts, 20, 2, joins={2: 3, 3: 6})
+    assert outputs == expected
+    short = decode_batch(target, draft, prompts[:2], 6, 2)  # leave after 6 tokens
+    assert short == [e[:6] for e in expected[:2]]
+
+
+def test_lane_caches_hold_only_accepted_tokens(tiny_pair) -> None:
+    target, draft = tiny_pair
+    lanes = [open_lane(target, draft, [5, 6, 7], SamplingParams(), torch.Generator()) for _ in range(2)]
+    prefill(lanes, 64)
+    speculative_round(target, draft, lanes, 3, DraftLength(3, adaptive=False))
+    for lane in lanes:
+        assert isinstance(lane, Lane)
+        assert lane.target.length == len(lane.tokens) - 1
+        assert lane.draft.length <= len(lane.tokens) - 1
+
+
 def test_warping_applies_top_k_and_top_p() -> None:
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
     assert torch.count_nonzero(distribution(logits, SamplingParams(temperature=1.0, top_k=2))) == 2
@@ -151,14 +257,19 @@ def test_warping_applies_top_k_and_top_p() -> None:
     )
 
 
-def run_rounds(length: DraftLength, rounds: int, acceptance: float, draft_step: float) -> list[int]:
+def run_rounds(length: DraftLength, rounds: int, acceptance: float, draft_step: float, rows: int = 1) -> list[int]:
     """Feed a controller rounds with a fixed per-proposal acceptance; passes cost 1 s + 0.05 s per token."""
     chosen = []
     for _ in range(rounds):
         k = length.k
         chosen.append(k)
         accepted = min(k, round(acceptance * k)) if acceptance < 1 else k
-        length.update(k, accepted, draft_step, 1.0 + 0.05 * (k + 1))
+        if k:
+            length.observe_draft(rows, draft_step)
+            for _ in range(rows):
+                length.observe_acceptance(k, accepted)
+        length.observe_pass(rows * (k + 1), 1.0 + 0.05 * rows * (k + 1))
+        length.finish_round(bool(k), rows)
     return chosen
 
 
@@ -177,21 +288,19 @@ def test_adaptive_draft_length_follows_acceptance_and_cost() -> None:
     carried = good.fork()
     assert carried.acceptance == good.acceptance and carried.k == good.k and carried.pass_seconds == good.pass_seconds
     fixed = DraftLength(3, adaptive=False)
-    fixed.update(3, 0, 0.1, 1.0)
+    fixed.observe_acceptance(3, 0)
+    fixed.finish_round(True, 1)
     assert fixed.k == 3
 
 
-def test_catch_up_calls_do_not_count_as_round_costs() -> None:
-    """A round that also fed a prompt (or tokens skipped while the draft was off) is slower, not typical."""
-    length, stats = DraftLength(4, adaptive=True), DecodeStats()
-    logits = torch.zeros(5, 8)
-    prefill = Round([1, 2, 3, 4], 2, 5, logits, draft_seconds=0.4, target_seconds=3.0, draft_fed=64, target_fed=68)
-    record_round(stats, length, prefill)
-    assert length.draft_step_seconds is None and length.pass_seconds == {}
-    assert stats.proposed == 4 and stats.accepted == 2  # the outcome still counts
-    steady = Round([1, 2, 3, 4], 4, 5, logits, draft_seconds=0.04, target_seconds=0.5, draft_fed=2, target_fed=5)
-    record_round(stats, length, steady)
-    assert length.draft_step_seconds == 0.01 and length.pass_seconds == {5: 0.5}
+def test_a_batched_pass_has_its_own_cost_curve() -> None:
+    """k is chosen for the batch: the target pass is costed by the tokens of all rows together."""
+    length = DraftLength(2, adaptive=True)
+    for rows, k in ((1, 1), (1, 3), (8, 1), (8, 3)):
+        length.observe_pass(rows * (k + 1), 0.01 + 0.001 * rows * (k + 1))
+        length.observe_draft(rows, 0.001 + 0.0001 * rows)
+    assert length.pass_cost(32) > length.pass_cost(16) > length.pass_cost(2)
+    assert length.tokens_per_second(2, rows=8) > length.tokens_per_second(2, rows=1)
     assert expected_tokens_per_round(0.0, 5) == 1.0 and expected_tokens_per_round(1.0, 5) == 6.0
 
 

@@ -1,22 +1,20 @@
-"""Evaluation backends by artifact format; later issues add ONNX Runtime, llama.cpp and TensorRT."""
+"""Evaluation backends: any artifact's runtime model (``slimline/runtime``), or a speculative pair.
+
+The evaluator asks three things of a model (full-sequence logits, a prompt prefill, one-token
+decode steps); ``RuntimeBackend`` answers them with a ``RuntimeModel`` of the artifact's format,
+so the evaluator and the server run every format through the same code.
+"""
 
 from __future__ import annotations
+
+import torch
 
 from slimline.artifacts import Artifact
 from slimline.errors import ArtifactError
 from slimline.evaluate.backends.base import Backend
-from slimline.evaluate.backends.torch_backend import TorchBackend
+from slimline.runtime import RUNTIME_BY_FORMAT, RuntimeModel, open_model
 
-BACKEND_BY_FORMAT = {
-    "source": "pytorch",
-    "hf": "pytorch",
-    "peft": "pytorch",
-    "torch-int8": "pytorch",
-    "onnx": "onnxruntime",
-    "gguf": "llama.cpp",
-    "tensorrt": "tensorrt",
-    "serve": "speculative",
-}
+BACKEND_BY_FORMAT = {**RUNTIME_BY_FORMAT, "serve": "speculative"}
 
 
 def backend_name(artifact: Artifact) -> str:
@@ -26,25 +24,49 @@ def backend_name(artifact: Artifact) -> str:
     return BACKEND_BY_FORMAT[artifact.format]
 
 
+class RuntimeBackend(Backend):
+    """The evaluator's interface over one runtime model and one sequence on it."""
+
+    def __init__(self, model: RuntimeModel) -> None:
+        self.model = model
+        self.name = model.backend
+        self.sequence = None
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits for every position, from an empty cache (nothing kept; a decoding sequence ends first)."""
+        self._close_sequence()
+        return self.model.logits(input_ids)
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """A new sequence from the prompt; the last position's logits."""
+        self._close_sequence()
+        self.sequence = self.model.new_sequence()
+        return self.sequence.extend(input_ids.tolist(), all_logits=False)[-1]
+
+    def decode(self, token: int) -> torch.Tensor:
+        """One token on the current sequence."""
+        return self.sequence.extend([token], all_logits=False)[-1]
+
+    def parameter_count(self) -> int | None:
+        """What the runtime counts."""
+        return self.model.parameter_count()
+
+    def close(self) -> None:
+        """Release the sequence and the model."""
+        self._close_sequence()
+        self.model.close()
+
+    def _close_sequence(self) -> None:
+        if self.sequence is not None:
+            self.sequence.close()
+            self.sequence = None
+
+
 def open_backend(artifact: Artifact) -> Backend:
     """Load the artifact into the backend that runs its format."""
     backend_name(artifact)
-    if artifact.format == "peft":
-        return TorchBackend(artifact.base_model_path, adapter_path=artifact.path)
-    if artifact.format == "onnx":
-        from slimline.evaluate.backends.onnx_backend import OnnxBackend  # onnxruntime is an optional extra
-
-        return OnnxBackend(artifact.path)
-    if artifact.format == "gguf":
-        from slimline.evaluate.backends.llama_cpp_backend import LlamaCppBackend  # an optional extra
-
-        return LlamaCppBackend(artifact.path)
     if artifact.format == "serve":
         from slimline.evaluate.backends.speculative_backend import SpeculativeBackend
 
         return SpeculativeBackend(artifact.path)
-    if artifact.format == "tensorrt":
-        from slimline.evaluate.backends.tensorrt_backend import TensorRTBackend  # needs TensorRT and CUDA
-
-        return TensorRTBackend(artifact.path)
-    return TorchBackend(artifact.model_path)
+    return RuntimeBackend(open_model(artifact.path))

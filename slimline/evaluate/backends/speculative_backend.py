@@ -15,9 +15,10 @@ import torch
 
 from slimline.errors import ArtifactError
 from slimline.evaluate.backends.base import Backend
-from slimline.serve.models import load_language_model
+from slimline.runtime import open_model
+from slimline.serve.bundle import read_bundle
 from slimline.serve.sampling import SamplingParams
-from slimline.serve.speculative import DecodeStats, DraftLength, record_round, speculative_round
+from slimline.serve.speculative import DraftLength, Lane, open_lane, prefill, speculative_round
 
 GREEDY = SamplingParams()
 
@@ -28,52 +29,54 @@ class SpeculativeBackend(Backend):
     name = "speculative"
 
     def __init__(self, folder: Path) -> None:
-        """Open the target and draft a serve artifact names."""
-        from slimline.serve.bundle import read_bundle
-
+        """Open the target and draft a serve artifact names (they take turns on the same cores)."""
         bundle = read_bundle(folder)
         if bundle.draft is None:
             raise ArtifactError(f"{folder} names no draft model: a speculative backend needs one")
-        self.target = load_language_model(bundle.target)
-        self.draft = load_language_model(bundle.draft)
+        self.target = open_model(bundle.target, shares_cores=True)
+        self.draft = open_model(bundle.draft, shares_cores=True)
         self.name = f"speculative ({self.target.backend})"
         self.draft_length = DraftLength(bundle.k, bundle.adaptive)
-        self._start([])
-
-    def _start(self, tokens: list[int]) -> None:
-        self.target_sequence = self.target.new_sequence()
-        self.draft_sequence = self.draft.new_sequence()
-        self.draft_length = self.draft_length.fork()  # what the last sequence learnt about the pair
-        self.stats = DecodeStats()
-        self.tokens = list(tokens)
+        self.lane: Lane | None = None
         self.verified: list[tuple[int, torch.Tensor]] = []  # (accepted draft token, target logits after it)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The target's logits for every position."""
-        return self.target.new_sequence().extend(input_ids.tolist())
+        return self.target.logits(input_ids)
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Start a sequence on both models; the target scores the prompt."""
-        self._start(input_ids.tolist())
-        return self.target_sequence.extend(self.tokens)[-1]
+        """Start a lane on both models; the target scores the prompt."""
+        self._close_lane()
+        prompt = input_ids.tolist()
+        self.lane = open_lane(self.target, self.draft, prompt, GREEDY, torch.Generator())
+        prefill([self.lane], len(prompt))
+        return self.lane.target.extend(prompt[-1:], all_logits=False)[-1]
 
     def decode(self, token: int) -> torch.Tensor:
         """Next-token logits after ``token``: kept from the last verification, or from a new round."""
-        self.tokens.append(token)
+        lane = self.lane
+        lane.tokens.append(token)
         if self.verified and self.verified[0][0] == token:
             return self.verified.pop(0)[1]
         self.verified = []
-        self.target_sequence.truncate(min(self.target_sequence.length, len(self.tokens) - 1))
-        self.draft_sequence.truncate(min(self.draft_sequence.length, len(self.tokens) - 1))
-        room = self.target.context_length - len(self.tokens)
-        k = max(0, min(self.draft_length.k, room - 1))
-        outcome = speculative_round(
-            self.target_sequence, self.draft_sequence, self.tokens, k, GREEDY, torch.Generator()
-        )
-        self.verified = [(outcome.drafts[i], outcome.target_logits[i + 1]) for i in range(outcome.accepted)]
-        record_round(self.stats, self.draft_length, outcome)
-        return outcome.target_logits[0]
+        lane.target.truncate(min(lane.target.length, len(lane.tokens) - 1))
+        lane.draft.truncate(min(lane.draft.length, len(lane.tokens) - 1))
+        before = len(lane.tokens)
+        new = speculative_round(self.target, self.draft, [lane], self.draft_length.k, self.draft_length)[0]
+        accepted = len(new) - 1
+        # The evaluator feeds the accepted tokens itself, one decode call each.
+        self.verified = [(new[i], lane.verified_logits[i + 1]) for i in range(accepted)]
+        del lane.tokens[before:]
+        return lane.verified_logits[0]
+
+    def _close_lane(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
+        self.verified = []
 
     def close(self) -> None:
         """Drop both models."""
-        self.target = self.draft = None
+        self._close_lane()
+        self.target.close()
+        self.draft.close()

@@ -1,4 +1,4 @@
-"""The PyTorch backend's parameter count: quantized layers count their logical weights, as the float model does."""
+"""The PyTorch runtime's parameter count: quantized layers count their logical weights, as the float model does."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from slimline.config import load_pipeline
-from slimline.evaluate.backends.torch_backend import TorchBackend, logical_parameter_count
 from slimline.models import load_causal_lm
 from slimline.quantize import int8
 from slimline.runner import Runner
+from slimline.runtime.torch_model import TorchModel, logical_parameter_count
 from tests.conftest import write_pipeline
 
 QUANTIZED_STAGES = """\
@@ -66,7 +66,7 @@ def test_ptq_artifacts_report_the_float_models_parameter_count(tiny_model: Path,
             (tmp_path / "run" / ("input" if stage == "input" else f"stages/{stage}") / "report.json").read_text()
         )
         assert report["metrics"]["parameters"] == expected, stage
-    backend = TorchBackend(tmp_path / "run" / "stages" / "static")
+    backend = TorchModel(tmp_path / "run" / "stages" / "static")
     assert backend.parameter_count() == expected
 
 

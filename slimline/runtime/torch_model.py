@@ -1,4 +1,9 @@
-"""PyTorch backend: HF checkpoints and peft adapters through transformers, with its KV cache."""
+"""PyTorch runtime: HF checkpoints (float, torch-int8, GPTQ) and peft adapters through transformers.
+
+Each sequence keeps its own keys/values per layer. A batched pass pads the rows' caches into
+one transformers ``DynamicCache`` with an attention mask and per-row position ids
+(``slimline/runtime/ragged.py``), and hands each row back its own part.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from slimline.evaluate.backends.base import Backend
-from slimline.models import load_causal_lm
+from slimline.runtime.base import Feed, RuntimeModel, Sequence, check_feeds
+from slimline.runtime.ragged import pad_caches, ragged_batch, row_cache, row_logits
 
 
 def packed_linear(module: torch.nn.Module) -> bool:
@@ -68,44 +73,74 @@ def logical_parameter_count(model: torch.nn.Module) -> int:
     return total
 
 
-class TorchBackend(Backend):
-    """Runs an HF causal LM (or base + peft adapter) in float32 on the CPU."""
+class TorchSequence(Sequence):
+    """A sequence's keys and values, layer by layer (key then value), each [1, kv_heads, length, head_dim]."""
 
-    name = "pytorch"
+    def __init__(self, model: TorchModel) -> None:
+        self.model = model
+        self.past: list[torch.Tensor] = []
+        self.length = 0
 
-    def __init__(self, model_path: Path, adapter_path: Path | None = None) -> None:
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions of every layer's keys and values."""
+        if length < self.length:
+            self.past = [cache[:, :, :length] for cache in self.past] if length else []
+        self.length = min(length, self.length)
+
+
+class TorchModel(RuntimeModel):
+    """An HF causal LM (or base + peft adapter) run by PyTorch in float32 on the CPU."""
+
+    backend = "pytorch"
+
+    def __init__(self, model_path: Path, adapter_path: Path | None = None, name: str | None = None) -> None:
         """Load the model, and the adapter on top of it when one is given."""
+        from slimline.models import load_causal_lm
+
         model = load_causal_lm(model_path)
         if adapter_path is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_path).eval()
         self.model = model
-        self.cache: DynamicCache | None = None
+        self.name = name or model_path.name
+        self.context_length = model.config.max_position_embeddings
+
+    def new_sequence(self) -> TorchSequence:
+        """A sequence with an empty cache."""
+        return TorchSequence(self)
 
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full-sequence logits, no cache kept."""
-        return self.model(input_ids=input_ids[None], use_cache=False).logits[0].float()
-
-    @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Fresh KV cache filled with the prompt."""
-        self.cache = DynamicCache()
-        output = self.model(input_ids=input_ids[None], past_key_values=self.cache, use_cache=True)
-        return output.logits[0, -1].float()
-
-    @torch.inference_mode()
-    def decode(self, token: int) -> torch.Tensor:
-        """One step on the KV cache."""
-        output = self.model(input_ids=torch.tensor([[token]]), past_key_values=self.cache, use_cache=True)
-        return output.logits[0, -1].float()
+    def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
+        """One transformers forward over the padded batch; each row keeps its own new keys/values."""
+        check_feeds(feeds, self.context_length)
+        sequences = [feed.sequence for feed in feeds]
+        batch = ragged_batch([s.length for s in sequences], [feed.tokens for feed in feeds])
+        cache = DynamicCache()
+        if batch.padded_past:
+            template = next(s.past for s in sequences if s.past)
+            pasts = [s.past or [t[:, :, :0] for t in template] for s in sequences]
+            for layer in range(len(template) // 2):
+                keys, values = (pad_caches([p[2 * layer + kv] for p in pasts], batch.padded_past) for kv in (0, 1))
+                cache.update(keys, values, layer)
+        output = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        presents = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+        for row, sequence in enumerate(sequences):
+            old = sequence.past or [present[:1, :, :0] for present in presents]
+            sequence.past = [row_cache(o, present, batch, row) for o, present in zip(old, presents, strict=True)]
+            sequence.length += batch.new_lengths[row]
+        return [row_logits(output.logits, batch, row, feed.all_logits) for row, feed in enumerate(feeds)]
 
     def parameter_count(self) -> int | None:
         """Logical parameters of the loaded module, quantized layers included (a peft model counts its adapter too)."""
         return logical_parameter_count(self.model)
 
     def close(self) -> None:
-        """Drop the model and cache."""
+        """Drop the model."""
         self.model = None
-        self.cache = None

@@ -1,0 +1,75 @@
+"""One runtime layer for every artifact format: the evaluator and the server both run models here.
+
+``open_model`` loads an artifact folder into the ``RuntimeModel`` of its format (PyTorch for
+``hf``/``source``/``peft``/``torch-int8`` and GPTQ checkpoints, ONNX Runtime for ``onnx``,
+llama.cpp for ``gguf``, TensorRT for ``tensorrt``). Each opens per-request sequences and runs a
+ragged batch of them in one pass (``slimline/runtime/base.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slimline.artifacts import MANIFEST
+from slimline.errors import ArtifactError
+from slimline.runtime.base import Feed, RuntimeModel, Sequence
+
+__all__ = ["RUNTIME_BY_FORMAT", "Feed", "RuntimeModel", "Sequence", "artifact_format", "open_model"]
+
+RUNTIME_BY_FORMAT = {
+    "source": "pytorch",
+    "hf": "pytorch",
+    "peft": "pytorch",
+    "torch-int8": "pytorch",
+    "onnx": "onnxruntime",
+    "gguf": "llama.cpp",
+    "tensorrt": "tensorrt",
+}
+
+
+def artifact_format(folder: Path) -> str:
+    """The format of an artifact folder, or what a plain folder holds (a checkpoint, a graph, a GGUF file)."""
+    if (folder / MANIFEST).exists():
+        return json.loads((folder / MANIFEST).read_text())["format"]
+    if (folder / "model.onnx").exists():
+        return "onnx"
+    if (folder / "model.gguf").exists():
+        return "gguf"
+    return "hf"
+
+
+def open_model(folder: Path, max_sequences: int = 1, shares_cores: bool = False) -> RuntimeModel:
+    """Load an artifact folder into the runtime of its format.
+
+    ``max_sequences``: sequences open at once (llama.cpp sizes one context for them; the dense
+    runtimes have no such bound). ``shares_cores``: another model takes turns on the same cores
+    (a speculative pair), so ONNX Runtime's idle threads must not spin.
+    """
+    if not folder.is_dir():
+        raise ArtifactError(
+            f"{folder} is not a folder: give an artifact folder (runs/<name>/stages/<id>) or a checkpoint"
+        )
+    fmt = artifact_format(folder)
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).exists() else {}
+    if fmt not in RUNTIME_BY_FORMAT:
+        raise ArtifactError(f"{folder} is a {fmt!r} artifact; models run from {', '.join(RUNTIME_BY_FORMAT)}")
+    if fmt in ("hf", "source", "torch-int8"):
+        from slimline.runtime.torch_model import TorchModel
+
+        return TorchModel(Path(manifest.get("model_path") or folder), name=folder.name)
+    if fmt == "peft":
+        from slimline.runtime.torch_model import TorchModel
+
+        return TorchModel(Path(manifest["base_model_path"]), adapter_path=folder, name=folder.name)
+    if fmt == "onnx":
+        from slimline.runtime.onnx_model import OnnxModel  # onnxruntime is an optional extra
+
+        return OnnxModel(folder, spinning=not shares_cores)
+    if fmt == "gguf":
+        from slimline.runtime.llama_cpp_model import LlamaCppModel  # an optional extra
+
+        return LlamaCppModel(folder, max_sequences=max_sequences)
+    from slimline.runtime.tensorrt_model import TensorRTModel  # needs TensorRT and CUDA
+
+    return TensorRTModel(folder)

@@ -1,0 +1,361 @@
+"""llama.cpp runtime (llama-cpp-python): a GGUF file, many sequences in one llama.cpp context, on the CPU.
+
+Token ids go in directly (the GGUF carries the same vocabulary as the HF tokenizer, which the
+``quantize.gguf`` stage checks), so perplexity is scored on exactly the eval tokens every other
+artifact is scored on.
+
+One context serves every sequence: each ``Sequence`` is a llama.cpp sequence id, and a batched
+``forward`` is one ``llama_batch`` whose rows carry their own ids and positions (split into several
+``llama_decode`` calls past ``n_batch`` tokens). The KV cache is *unified*: all sequences share its
+cells, so one long request can use what idle or short ones leave. Its default size is the
+model's training context per sequence, capped at ``CACHE_CELLS_CAP`` cells but never below one
+training context (one sequence can always reach the context the model was trained for; the cap
+bounds memory: a SmolLM2-135M cell holds 23 KB of f16 keys and values, so 32768 cells are 0.75 GB).
+llama.cpp rounds the cache up to a multiple of 256 cells. When the shared cache is full,
+``forward`` raises ``CacheFullError`` and leaves every sequence as it was.
+
+Flash attention stays off and weights stay on the CPU, as llama-cpp-python's ``Llama`` (the old
+scoring path) had them, so a window's logits are those the evaluator always measured. A model is
+not thread-safe: one thread runs its passes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimline.errors import ArtifactError, SlimlineError
+from slimline.runtime import llama_cpp_log
+from slimline.runtime.base import Feed, RuntimeModel, Sequence, check_feeds
+from slimline.runtime.llama_cpp_log import capture_llama_cpp_log, take_recent_messages
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.gguf"
+# A tokenizer-only load still makes a context; llama-cpp-python sizes its batch from n_ctx, which must not be 0.
+VOCAB_ONLY_CONTEXT = 512
+CACHE_CELLS_CAP = 32768
+# Tokens per llama_decode (and per compute ubatch), as the old Llama-based scoring used; llama.cpp keeps
+# a logits buffer of this many rows, so a larger value costs n_batch x vocab x 4 bytes.
+BATCH_TOKENS = 512
+NO_KV_SLOT = 1  # llama_decode's code when the cache has no room for the batch
+
+
+class CacheFullError(SlimlineError):
+    """The shared KV cache has no room for a pass; nothing of the pass was kept."""
+
+
+class SequencesExhaustedError(SlimlineError):
+    """Every sequence slot of a model is open."""
+
+
+def open_gguf(path: Path, vocab_only: bool = False):
+    """A ``llama_cpp.Llama`` over a GGUF file: the model's own context, the CPU threads torch uses."""
+    from llama_cpp import Llama
+
+    capture_llama_cpp_log()
+    take_recent_messages()  # only what this load says
+    threads = torch.get_num_threads()
+    try:
+        return Llama(
+            model_path=str(path),
+            n_ctx=VOCAB_ONLY_CONTEXT if vocab_only else 0,  # 0: the context the model was trained for
+            n_threads=threads,
+            n_threads_batch=threads,
+            vocab_only=vocab_only,
+            verbose=False,
+        )
+    except ValueError as error:
+        raise ArtifactError(f"llama.cpp cannot load {path}: {take_recent_messages()}") from error
+
+
+@contextmanager
+def collect_llama_cpp_log() -> Iterator[list[str]]:
+    """Every piece of text llama.cpp logs while the block runs, in order (it still reaches slimline's logger)."""
+    import llama_cpp
+
+    capture_llama_cpp_log()
+    pieces: list[str] = []
+
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        pieces.append(text.decode("utf-8", errors="replace"))
+        llama_cpp_log.forward(level, text, user_data)
+
+    callback = llama_cpp.llama_log_callback(collect)  # kept alive by this frame until the block ends
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield pieces
+    finally:
+        llama_cpp.llama_log_set(llama_cpp_log.state["callback"], ctypes.c_void_p(0))
+
+
+def default_cache_tokens(n_ctx_train: int, max_sequences: int) -> int:
+    """Cells of the shared cache: a training context per sequence, capped, never below one training context."""
+    return max(n_ctx_train, min(n_ctx_train * max_sequences, CACHE_CELLS_CAP))
+
+
+@dataclass
+class FlatBatch:
+    """Every row of a pass laid end to end, in the arrays a ``llama_batch`` points at."""
+
+    tokens: np.ndarray  # int32 [total]
+    positions: np.ndarray  # int32 [total]
+    seq_pointers: np.ndarray  # uintp [total]: the address of each token's seq id (llama_seq_id *)
+    outputs: np.ndarray  # int8 [total]: 1 where llama.cpp returns logits
+    row_outputs: list[int]  # logits rows per feed
+
+
+def flatten_feeds(feeds: list[Feed], seq_ids: np.ndarray, seq_table: np.ndarray) -> FlatBatch:
+    """Tokens, positions, seq ids and output flags of all rows, built with whole-array numpy operations."""
+    rows = np.array([(len(f.tokens), f.sequence.length, f.all_logits) for f in feeds], dtype=np.int64)
+    counts, starts, every = rows[:, 0], rows[:, 1], rows[:, 2]
+    ends = np.cumsum(counts)
+    total = int(ends[-1])
+    tokens = np.fromiter(itertools.chain.from_iterable(feed.tokens for feed in feeds), dtype=np.int32, count=total)
+    # flat index j of row r holds position starts[r] + (j - first index of r)
+    positions = (np.arange(total) - np.repeat(ends - counts - starts, counts)).astype(np.int32)
+    # each token points at its sequence's id in seq_table (all uintp: a signed operand would make float64)
+    seq_pointers = np.repeat(seq_ids.astype(np.uintp), counts) * np.uintp(seq_table.itemsize)
+    seq_pointers += np.uintp(seq_table.ctypes.data)
+    outputs = np.repeat(every.astype(np.int8), counts)
+    outputs[ends - 1] = 1  # every row returns at least its last position
+    row_outputs = np.where(every == 1, counts, 1).tolist()
+    return FlatBatch(tokens, positions, seq_pointers, outputs, row_outputs)
+
+
+class BatchBuffers:
+    """A ``llama_batch`` over arrays of ``n_batch`` entries held for the model's life (so nothing to free)."""
+
+    def __init__(self, api, n_batch: int) -> None:
+        self.tokens = np.zeros(n_batch, dtype=np.int32)
+        self.positions = np.zeros(n_batch, dtype=np.int32)
+        self.seq_pointers = np.zeros(n_batch, dtype=np.uintp)
+        self.outputs = np.zeros(n_batch, dtype=np.int8)
+        self.n_seq_id = np.ones(n_batch, dtype=np.int32)  # one sequence per token
+        batch = self.batch = api.llama_batch()
+        batch.token = self.tokens.ctypes.data_as(ctypes.POINTER(api.llama_token))
+        batch.pos = self.positions.ctypes.data_as(ctypes.POINTER(api.llama_pos))
+        batch.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        batch.seq_id = self.seq_pointers.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(api.llama_seq_id)))
+        batch.logits = self.outputs.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    def load(self, flat: FlatBatch, start: int, count: int):
+        """The batch holding ``count`` tokens of ``flat`` from ``start`` (one copy per array, no Python loop)."""
+        end = start + count
+        self.tokens[:count] = flat.tokens[start:end]
+        self.positions[:count] = flat.positions[start:end]
+        self.seq_pointers[:count] = flat.seq_pointers[start:end]
+        self.outputs[:count] = flat.outputs[start:end]
+        self.batch.n_tokens = count
+        return self.batch
+
+
+class LlamaCppSequence(Sequence):
+    """A llama.cpp sequence id in the model's shared context; its cells are freed by ``close``."""
+
+    def __init__(self, model: LlamaCppModel, seq_id: int) -> None:
+        self.model = model
+        self.seq_id: int | None = seq_id
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Forget every token after the first ``length`` (their cache cells become free)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a sequence of {self.length} tokens to {length}")
+        self.model.remove_cells(self.open_id(), length)
+        self.length = length
+
+    def close(self) -> None:
+        """Free the sequence's cells and return its id to the model (closing twice does nothing)."""
+        if self.seq_id is not None:
+            self.model.release(self)
+            self.seq_id = None
+
+    def open_id(self) -> int:
+        """The llama.cpp sequence id; ValueError once the sequence is closed."""
+        if self.seq_id is None:
+            raise ValueError("the sequence is closed")
+        return self.seq_id
+
+
+class LlamaCppModel(RuntimeModel):
+    """A GGUF model in one llama.cpp context whose unified KV cache holds up to ``max_sequences`` sequences."""
+
+    backend = "llama.cpp"
+
+    def __init__(self, folder: Path, max_sequences: int = 1, cache_tokens: int | None = None) -> None:
+        """Load ``folder/model.gguf``; ``cache_tokens`` cells shared by all sequences (default: see the module)."""
+        import llama_cpp
+
+        self.api = llama_cpp
+        if not 1 <= max_sequences <= llama_cpp.llama_max_parallel_sequences():
+            raise ValueError(
+                f"max_sequences must be 1..{llama_cpp.llama_max_parallel_sequences()}, not {max_sequences}"
+            )
+        if cache_tokens is not None and cache_tokens < 1:
+            raise ValueError(f"cache_tokens must be at least 1, not {cache_tokens}")
+        self.name = folder.name
+        self.max_batch = max_sequences
+        self.model = self.load_model(folder / MODEL_FILE)
+        n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
+        cells = cache_tokens if cache_tokens is not None else default_cache_tokens(n_ctx_train, max_sequences)
+        self.ctx = self.new_context(folder / MODEL_FILE, cells, max_sequences)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.cache_cells = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.context_length = min(n_ctx_train, self.cache_cells)
+        self.n_batch = int(llama_cpp.llama_n_batch(self.ctx))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model)))
+        self.seq_table = np.arange(max_sequences, dtype=np.int32)  # what every token's seq_id pointer points into
+        self.buffers = BatchBuffers(llama_cpp, self.n_batch)
+        self.free_ids = list(range(max_sequences))
+        self.open: dict[int, LlamaCppSequence] = {}
+        log.info(
+            "llama.cpp: %s, %d sequences sharing %d cache cells, context %d, %d threads",
+            folder / MODEL_FILE,
+            max_sequences,
+            self.cache_cells,
+            self.context_length,
+            torch.get_num_threads(),
+        )
+
+    # --- loading -------------------------------------------------------------------------------
+
+    def load_model(self, path: Path):
+        """llama.cpp's model (weights on the CPU); ArtifactError with llama.cpp's reason on failure."""
+        if not path.is_file():
+            raise ArtifactError(f"no {MODEL_FILE} in {path.parent}")
+        self.api.llama_backend_init()
+        capture_llama_cpp_log()
+        take_recent_messages()  # only what this load says
+        params = self.api.llama_model_default_params()
+        params.n_gpu_layers = 0  # as the Llama-based path had it: this runtime is the CPU one
+        model = self.api.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise ArtifactError(f"llama.cpp cannot load {path}: {take_recent_messages()}")
+        return model
+
+    def new_context(self, path: Path, cells: int, max_sequences: int):
+        """One context: ``max_sequences`` sequences over a unified cache of ``cells`` cells."""
+        api, threads = self.api, torch.get_num_threads()
+        params = api.llama_context_default_params()
+        params.n_ctx = cells
+        params.n_batch = params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = max_sequences
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = api.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx = api.llama_init_from_model(self.model, params)
+        if not ctx:
+            reason = take_recent_messages()
+            api.llama_model_free(self.model)
+            self.model = None
+            raise ArtifactError(f"llama.cpp cannot make a context of {cells} cells for {path}: {reason}")
+        return ctx
+
+    # --- sequences -----------------------------------------------------------------------------
+
+    def new_sequence(self) -> LlamaCppSequence:
+        """A fresh sequence on a free llama.cpp sequence id."""
+        if self.ctx is None:
+            raise ValueError(f"the model {self.name} is closed")
+        if not self.free_ids:
+            raise SequencesExhaustedError(
+                f"all {self.max_batch} sequences of {self.name} are open: close one, or open the model "
+                "with a larger max_sequences"
+            )
+        sequence = LlamaCppSequence(self, self.free_ids.pop(0))
+        self.open[sequence.seq_id] = sequence
+        return sequence
+
+    def release(self, sequence: LlamaCppSequence) -> None:
+        """Free a closing sequence's cells and its id."""
+        if self.open.pop(sequence.seq_id, None) is None:
+            return  # the model was closed first
+        self.remove_cells(sequence.seq_id, 0)
+        self.free_ids.append(sequence.seq_id)
+        self.free_ids.sort()
+
+    def remove_cells(self, seq_id: int, start: int) -> None:
+        """Drop the sequence's cells from position ``start`` on."""
+        self.api.llama_memory_seq_rm(self.memory, seq_id, start, -1)
+
+    # --- passes --------------------------------------------------------------------------------
+
+    def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
+        """Run every row in one batch (several ``llama_decode`` calls past ``n_batch`` tokens); logits per row."""
+        check_feeds(feeds, self.context_length)
+        if not feeds:
+            return []
+        seq_ids = np.fromiter((self.seq_id_of(feed) for feed in feeds), dtype=np.int64, count=len(feeds))
+        flat = flatten_feeds(feeds, seq_ids, self.seq_table)
+        try:
+            logits = self.decode(flat)
+        except BaseException:
+            for feed in feeds:  # a failed pass keeps nothing: each cache holds what its length says
+                self.remove_cells(feed.sequence.seq_id, feed.sequence.length)
+            raise
+        for feed in feeds:
+            feed.sequence.length += len(feed.tokens)
+        return list(torch.split(logits, flat.row_outputs))
+
+    def seq_id_of(self, feed: Feed) -> int:
+        """The row's llama.cpp sequence id, after checking the sequence is an open one of this model."""
+        sequence = feed.sequence
+        if not isinstance(sequence, LlamaCppSequence) or sequence.model is not self:
+            raise ValueError(f"a batch row holds a sequence of another model than {self.name}")
+        return sequence.open_id()
+
+    def decode(self, flat: FlatBatch) -> torch.Tensor:
+        """``llama_decode`` the flat batch in chunks of ``n_batch`` tokens; the logits asked for, in row order."""
+        total = len(flat.tokens)
+        logits = torch.empty(int(flat.outputs.sum(dtype=np.int64)), self.n_vocab, dtype=torch.float32)
+        rows, done = logits.numpy(), 0
+        for start in range(0, total, self.n_batch):
+            count = min(self.n_batch, total - start)
+            code = self.api.llama_decode(self.ctx, self.buffers.load(flat, start, count))
+            if code != 0:
+                raise self.decode_error(code, total)
+            outputs = int(flat.outputs[start : start + count].sum(dtype=np.int64))
+            if outputs:
+                pointer = self.api.llama_get_logits(self.ctx)
+                rows[done : done + outputs] = np.ctypeslib.as_array(pointer, shape=(outputs, self.n_vocab))
+                done += outputs
+        return logits
+
+    def decode_error(self, code: int, needed: int) -> Exception:
+        """The error for a failed ``llama_decode``: a full cache says how to make it larger."""
+        if code == NO_KV_SLOT:
+            take_recent_messages()  # llama.cpp's "failed to find a memory slot": this message says more
+            held = sum(sequence.length for sequence in self.open.values())
+            return CacheFullError(
+                f"llama.cpp's KV cache of {self.name} is full: its {self.cache_cells} cells are shared by "
+                f"{len(self.open)} open sequences holding {held} tokens, and this pass needed {needed} more; "
+                "open the model with a larger cache_tokens, or run fewer or shorter sequences at once"
+            )
+        return RuntimeError(f"llama_decode returned {code}: {take_recent_messages()}")
+
+    # --- the rest ------------------------------------------------------------------------------
+
+    def parameter_count(self) -> int | None:
+        """llama.cpp's count of the model's parameters (``llama_model_n_params``; a tied embedding once)."""
+        return int(self.api.llama_model_n_params(self.model))
+
+    def close(self) -> None:
+        """Free the context and the weights; open sequences become unusable."""
+        for sequence in self.open.values():
+            sequence.seq_id = None
+        self.open.clear()
+        if self.ctx is not None:
+            self.api.llama_free(self.ctx)
+            self.ctx = None
+        if self.model is not None:
+            self.api.llama_model_free(self.model)
+            self.model = None

@@ -1,0 +1,155 @@
+"""ONNX Runtime: the exported decoder graph (``slimline/export/decoder_graph.py``) with its KV cache.
+
+The provider is chosen by what is there: CUDA when onnxruntime-gpu sees a GPU, else the CPU.
+Inputs and outputs stay float32 on the host (an FP16 graph keeps float32 I/O), so the same code
+runs every precision. A batched pass feeds the graph's batch axis: rows are padded
+(``slimline/runtime/ragged.py``) and each row keeps its own part of the presents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimline.runtime.base import Feed, RuntimeModel, Sequence, check_feeds
+from slimline.runtime.layout import LOGITS, CacheLayout
+from slimline.runtime.ragged import pad_caches, ragged_batch, row_cache, row_logits
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+
+
+def choose_providers(preferred: str = "auto") -> list[str]:
+    """ONNX Runtime execution providers, best first: CUDA where available (or asked for), then CPU."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if preferred == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if preferred == "cuda":
+        raise RuntimeError(f"the CUDA provider is not available in this onnxruntime (it has {available})")
+    return ["CPUExecutionProvider"]
+
+
+def open_session(path: Path, providers: list[str] | None = None, spinning: bool = True):
+    """An inference session with every graph optimisation and the CPU threads torch uses.
+
+    ``spinning=False`` stops idle worker threads from busy-waiting: needed when two sessions take
+    turns on the same cores (a speculative target and draft), where one's spinning threads
+    would steal the cores the other is computing on.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3  # warnings about unused initialisers are noise here
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=providers or choose_providers())
+
+
+def session_layout(session) -> tuple[CacheLayout, type]:
+    """The cache layout of a session's graph and the numpy dtype its cache is kept in."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    layout = CacheLayout.from_inputs({name: tuple(i.shape) for name, i in inputs.items()})
+    dtype = np.float16 if "float16" in inputs["past.0.key"].type else np.float32
+    return layout, dtype
+
+
+class OnnxSequence(Sequence):
+    """A sequence's cache arrays, layer by layer (key then value), each [1, kv_heads, length, head_dim]."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model = model
+        self.past = [model.empty_cache] * len(model.layout.past_names())
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` cached positions (drop rejected speculative tokens)."""
+        if length < self.length:
+            self.past = [cache[:, :, :length] for cache in self.past]
+        self.length = min(length, self.length)
+
+
+class OnnxModel(RuntimeModel):
+    """An ``export.onnx`` artifact run by ONNX Runtime (CUDA provider where available, else CPU)."""
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        folder: Path,
+        provider: str = "auto",
+        spinning: bool = True,
+        graph: Path | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        """Open ``folder/model.onnx`` (or ``graph``) on the best available provider.
+
+        Pass ``spinning=False`` when another model shares the cores turn by turn (a speculative
+        pair). ``context_length`` defaults to the folder's ``config.json``.
+        """
+        self.folder = folder
+        self.graph = graph or folder / MODEL_FILE
+        self.session = open_session(self.graph, choose_providers(provider), spinning=spinning)
+        self.providers = self.session.get_providers()
+        self.layout, self.cache_dtype = session_layout(self.session)
+        empty = np.zeros((1, self.layout.kv_heads, 0, self.layout.head_dim), dtype=self.cache_dtype)
+        self.empty_cache = torch.from_numpy(empty)
+        self.name = folder.name
+        self.context_length = (
+            context_length or json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+        )
+        log.info("onnxruntime providers: %s", self.providers)
+
+    def new_sequence(self) -> OnnxSequence:
+        """A sequence with an empty cache."""
+        return OnnxSequence(self)
+
+    def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
+        """One graph run over the padded batch; each row keeps its own part of the presents."""
+        check_feeds(feeds, self.context_length)
+        sequences = [feed.sequence for feed in feeds]
+        batch = ragged_batch([s.length for s in sequences], [feed.tokens for feed in feeds])
+        past_names = self.layout.past_names()
+        inputs = {
+            "input_ids": batch.input_ids.numpy(),
+            "attention_mask": batch.attention_mask.numpy(),
+            "position_ids": batch.position_ids.numpy(),
+        }
+        for index, name in enumerate(past_names):
+            padded = pad_caches([s.past[index] for s in sequences], batch.padded_past)
+            inputs[name] = np.ascontiguousarray(padded.numpy())
+        outputs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, inputs), strict=True))
+        presents = [torch.from_numpy(outputs[name]) for name in self.layout.present_names()]
+        for row, sequence in enumerate(sequences):
+            sequence.past = [row_cache(old, new, batch, row) for old, new in zip(sequence.past, presents, strict=True)]
+            sequence.length += batch.new_lengths[row]
+        logits = torch.from_numpy(outputs[LOGITS])
+        return [row_logits(logits, batch, row, feed.all_logits) for row, feed in enumerate(feeds)]
+
+    def parameter_count(self) -> int | None:
+        """Elements of the graph's weight initialisers (quantised weights count once, not their scales)."""
+        import onnx
+
+        graph = onnx.load(str(self.graph), load_external_data=False).graph
+        shape_types = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}  # shape constants, not weights
+        return sum(
+            int(np.prod(tensor.dims))
+            for tensor in graph.initializer
+            if tensor.dims
+            and tensor.data_type not in shape_types
+            and not tensor.name.endswith(("_scale", "_zero_point"))
+        )
+
+    def close(self) -> None:
+        """Drop the session."""
+        self.session = None

@@ -1,0 +1,91 @@
+"""Ragged batches for runtimes whose caches are dense tensors (PyTorch, ONNX Runtime, TensorRT).
+
+Rows of a batch differ in how many tokens their caches hold (``past``) and how many they feed
+(``new``). The batch pads both to the longest: row ``i``'s cache fills the first ``past_i`` of
+``P`` positions, its tokens the first ``new_i`` of ``N``; the attention mask is 0 on every
+padded position, so no real token attends to padding, and position ids count each row's own
+tokens. After the pass, each row keeps its old cache plus the ``new_i`` keys/values at
+``P .. P + new_i`` of the batch's presents. A batch of one has no padding and no copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RaggedBatch:
+    """The padded inputs of one pass and the sizes needed to take rows apart again."""
+
+    input_ids: torch.Tensor  # [B, N] int64
+    attention_mask: torch.Tensor  # [B, P + N] int64
+    position_ids: torch.Tensor  # [B, N] int64
+    past_lengths: list[int]
+    new_lengths: list[int]
+
+    @property
+    def padded_past(self) -> int:
+        """P: the longest cache in the batch."""
+        return max(self.past_lengths)
+
+    @property
+    def single(self) -> bool:
+        """One row: nothing is padded."""
+        return len(self.past_lengths) == 1
+
+
+def ragged_batch(past_lengths: list[int], rows: list[list[int]]) -> RaggedBatch:
+    """Padded ids, attention mask and position ids for rows of tokens after caches of these lengths."""
+    batch, padded_past, padded_new = len(rows), max(past_lengths), max(len(row) for row in rows)
+    input_ids = torch.zeros(batch, padded_new, dtype=torch.int64)
+    attention_mask = torch.zeros(batch, padded_past + padded_new, dtype=torch.int64)
+    position_ids = torch.zeros(batch, padded_new, dtype=torch.int64)
+    for i, (past, row) in enumerate(zip(past_lengths, rows, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        attention_mask[i, :past] = 1
+        attention_mask[i, padded_past : padded_past + len(row)] = 1
+        # Padded positions continue the count so every position id stays within the model's range.
+        position_ids[i] = torch.arange(past, past + padded_new)
+    return RaggedBatch(input_ids, attention_mask, position_ids, list(past_lengths), [len(r) for r in rows])
+
+
+def pad_caches(caches: list[torch.Tensor], padded_past: int) -> torch.Tensor:
+    """Stack per-row caches [1, heads, past_i, dim] into [B, heads, P, dim], zeros after each row's end.
+
+    On the CPU the copy is done by numpy: torch would hand these small fills to its OpenMP pool,
+    whose wake-ups cost tens of milliseconds when another runtime's threads hold the cores.
+    """
+    if len(caches) == 1:
+        return caches[0]
+    first = caches[0]
+    shape = (len(caches), first.shape[1], padded_past, first.shape[3])
+    if first.device.type != "cpu":
+        batch = first.new_zeros(shape)
+        for i, cache in enumerate(caches):
+            batch[i, :, : cache.shape[2]] = cache[0]
+        return batch
+    padded = np.zeros(shape, dtype=first.numpy().dtype)
+    for i, cache in enumerate(caches):
+        padded[i, :, : cache.shape[2]] = cache[0].numpy()
+    return torch.from_numpy(padded)
+
+
+def row_cache(old: torch.Tensor, present: torch.Tensor, batch: RaggedBatch, row: int) -> torch.Tensor:
+    """Row ``row``'s cache after the pass: its old cache and its new keys/values, [1, heads, past + new, dim]."""
+    if batch.single:
+        return present
+    start = batch.padded_past
+    new = present[row : row + 1, :, start : start + batch.new_lengths[row]]
+    if present.device.type != "cpu" or present.requires_grad:
+        return torch.cat([old, new], dim=2)
+    return torch.from_numpy(np.concatenate([old.numpy(), new.numpy()], axis=2))  # numpy: see pad_caches
+
+
+def row_logits(logits: torch.Tensor, batch: RaggedBatch, row: int, all_logits: bool) -> torch.Tensor:
+    """Row ``row``'s logits [new, vocab] (or [1, vocab]: the last real position) as float32."""
+    count = batch.new_lengths[row]
+    rows = logits[row, :count] if all_logits else logits[row, count - 1 : count]
+    return rows.float()

@@ -1,0 +1,111 @@
+"""Batched speculative greedy decoding equals each prompt's greedy completion alone, on every CPU runtime.
+
+The same check as tests/serve/test_speculative.py (PyTorch), on a tiny target/draft pair exported
+to ONNX (ONNX Runtime) and converted to GGUF (llama.cpp): ragged prompts decoded together at batch
+sizes 1, 3 and 8, target-only and speculative.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimline.models import load_causal_lm
+from slimline.runtime import RuntimeModel
+from slimline.serve.sampling import SamplingParams
+from slimline.serve.speculative import DraftLength, generate_tokens, open_lane, prefill, speculative_round
+from tests.conftest import build_tiny_model
+
+pytestmark = pytest.mark.stage
+
+NEW_TOKENS = 16
+PROMPT_LENGTHS = [1, 45, 7, 12, 30, 3, 20, 9]
+
+
+def onnx_folder(hf_folder: Path, folder: Path) -> Path:
+    """The decoder graph of a tiny checkpoint, with its config (what an export.onnx artifact holds)."""
+    from slimline.export.decoder_graph import export_decoder
+
+    folder.mkdir()
+    export_decoder(load_causal_lm(hf_folder), folder / "model.onnx", opset=18, external_data=False)
+    shutil.copy(hf_folder / "config.json", folder / "config.json")
+    return folder
+
+
+def gguf_folder(hf_folder: Path, folder: Path) -> Path:
+    """The checkpoint as an f16 GGUF, converted by llama.cpp's own converter."""
+    from slimline.quantize import gguf_converter
+
+    folder.mkdir()
+    pre_tokenizer = gguf_converter.declared_pre_tokenizer(hf_folder)
+    gguf_converter.convert(gguf_converter.find_converter(), hf_folder, folder / "model.gguf", "f16", pre_tokenizer)
+    return folder
+
+
+def open_pair(runtime: str, root: Path) -> tuple[RuntimeModel, RuntimeModel]:
+    target_hf = build_tiny_model(root / "target-hf", layers=2, seed=0)
+    draft_hf = build_tiny_model(root / "draft-hf", layers=1, seed=1)
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'slimline[onnx]')")
+        from slimline.runtime.onnx_model import OnnxModel
+
+        return (
+            OnnxModel(onnx_folder(target_hf, root / "target"), spinning=False),
+            OnnxModel(onnx_folder(draft_hf, root / "draft"), spinning=False),
+        )
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'slimline[gguf]')")
+    from slimline.quantize import gguf_converter
+    from slimline.runtime.llama_cpp_model import LlamaCppModel
+
+    if gguf_converter.missing_converter():
+        pytest.skip(f"llama.cpp's converter is not fetched: run `{gguf_converter.fetch_command()}`")
+    return (
+        LlamaCppModel(gguf_folder(target_hf, root / "target"), max_sequences=8),
+        LlamaCppModel(gguf_folder(draft_hf, root / "draft"), max_sequences=8),
+    )
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "llama.cpp"])
+def pair(request, tmp_path_factory: pytest.TempPathFactory):
+    target, draft = open_pair(request.param, tmp_path_factory.mktemp(request.param.replace(".", "-")))
+    yield target, draft
+    target.close()
+    draft.close()
+
+
+def greedy_alone(target: RuntimeModel, prompt: list[int]) -> list[int]:
+    tokens: list[int] = []
+    for new in generate_tokens(target, None, prompt, SamplingParams(), None, torch.Generator()):
+        tokens += new
+        if len(tokens) >= NEW_TOKENS:
+            return tokens[:NEW_TOKENS]
+    return tokens
+
+
+def decode_together(target: RuntimeModel, draft: RuntimeModel | None, prompts: list[list[int]], k: int) -> list:
+    lanes = [open_lane(target, draft, p, SamplingParams(), torch.Generator()) for p in prompts]
+    length = DraftLength(k, adaptive=False)
+    active = list(lanes)
+    while active:
+        prefill(active, 16)  # small chunks: long prompts take several steps while the others decode
+        ready = [lane for lane in active if lane.prefilled]
+        if ready:
+            speculative_round(target, draft, ready, k, length)
+        for lane, prompt in zip(lanes, prompts, strict=True):
+            if lane in active and len(lane.tokens) - len(prompt) >= NEW_TOKENS:
+                active.remove(lane)
+                lane.close()
+    return [lane.tokens[len(prompt) :][:NEW_TOKENS] for lane, prompt in zip(lanes, prompts, strict=True)]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_batched_greedy_equals_each_prompt_alone(pair, batch: int) -> None:
+    target, draft = pair
+    generator = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(1, 500, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS[:batch]]
+    expected = [greedy_alone(target, p) for p in prompts]
+    assert decode_together(target, None, prompts, 0) == expected
+    assert decode_together(target, draft, prompts, 3) == expected

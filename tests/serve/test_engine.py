@@ -1,0 +1,106 @@
+"""The engine's continuous batching: requests decoded together, joining, leaving and cancelled mid-batch."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+import torch
+
+from slimline.models import load_tokenizer
+from slimline.runtime.torch_model import TorchModel
+from slimline.serve.engine import Engine, Event, GenerationRequest
+from slimline.serve.sampling import SamplingParams
+from tests.conftest import build_tiny_model
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[TorchModel, TorchModel, object]:
+    folder = tmp_path_factory.mktemp("engine-pair")
+    target_folder = build_tiny_model(folder / "target", layers=2, seed=0)
+    draft_folder = build_tiny_model(folder / "draft", layers=1, seed=1)
+    return TorchModel(target_folder), TorchModel(draft_folder), load_tokenizer(target_folder)
+
+
+def prompts(count: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(1, 500, (n,), generator=generator).tolist() for n in [4, 40, 9, 17, 1, 26][:count]]
+
+
+def collect(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[queue.Queue, object]:
+    events: queue.Queue[Event] = queue.Queue()
+    handle = engine.submit(GenerationRequest(prompt, max_tokens, SamplingParams()), events.put)
+    return events, handle
+
+
+def token_ids(events: queue.Queue) -> tuple[list[int], str]:
+    ids = []
+    while True:
+        event = events.get(timeout=120)
+        ids += event.token_ids
+        if event.finish_reason is not None:
+            return ids, event.finish_reason
+
+
+def alone(pair, prompt: list[int], max_tokens: int) -> list[int]:
+    target, _, tokenizer = pair
+    engine = Engine(target, tokenizer, None, max_active=1)
+    try:
+        return token_ids(collect(engine, prompt, max_tokens)[0])[0]
+    finally:
+        engine.shutdown()
+
+
+def test_requests_batched_together_give_their_outputs_alone(pair) -> None:
+    target, draft, tokenizer = pair
+    expected = [alone(pair, p, 20) for p in prompts(6)]
+    engine = Engine(target, tokenizer, draft, k=3, max_active=8)
+    try:
+        pending = [collect(engine, p, 20)[0] for p in prompts(6)]
+        outputs = [token_ids(events)[0] for events in pending]
+    finally:
+        engine.shutdown()
+    assert outputs == expected
+    assert max(engine.batch_sizes) > 1  # the requests really shared passes
+
+
+def test_a_cancelled_request_leaves_the_others_unchanged(pair) -> None:
+    target, draft, tokenizer = pair
+    expected = [alone(pair, p, 24) for p in prompts(4)]
+    engine = Engine(target, tokenizer, draft, k=2, max_active=4)
+    try:
+        pending = [collect(engine, p, 24) for p in prompts(4)]
+        victim_events, victim = pending[1]
+        first = victim_events.get(timeout=120)  # it has started decoding in the batch
+        victim.cancel()
+        outputs = [token_ids(events) for events, _ in pending]
+    finally:
+        engine.shutdown()
+    assert outputs[1][1] == "cancelled" or first.finish_reason is not None
+    for index in (0, 2, 3):
+        assert outputs[index][0] == expected[index]
+
+
+def test_more_requests_than_slots_wait_and_rotate(pair) -> None:
+    """With max_batch below the active count, requests take turns; every output is still its own."""
+    target, draft, tokenizer = pair
+    expected = [alone(pair, p, 12) for p in prompts(5)]
+    engine = Engine(target, tokenizer, draft, k=2, max_active=3, max_batch=2)
+    try:
+        results: list = [None] * 5
+
+        def run(index: int, prompt: list[int]) -> None:
+            results[index] = token_ids(collect(engine, prompt, 12)[0])[0]
+
+        threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts(5))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        engine.shutdown()
+    assert results == expected
+    assert max(engine.batch_sizes) == 2
