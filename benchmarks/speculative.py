@@ -36,13 +36,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from slimline.artifacts import read_artifact
 from slimline.data import load_texts, tokenize_stream
 from slimline.evaluate.latency import percentile
 from slimline.hardware import machine_description
 from slimline.models import load_causal_lm, load_tokenizer
 from slimline.reports.tables import checks_table, keyed, markdown_table, write_results
-from slimline.serve.models import load_language_model
+from slimline.runtime import open_model
 from slimline.serve.speculative import DraftLength, timed_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,24 +130,6 @@ def llama_server_binary() -> Path | None:
     return None
 
 
-def gguf_pair(stages: Path, folder: Path) -> tuple[Path, Path]:
-    """The serving pair's PyTorch target and draft as f16 GGUF files (converted once, kept in the run folder)."""
-    from slimline.quantize.gguf_converter import convert, declared_pre_tokenizer, find_converter
-
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for stage in ("tuned", "draft"):
-        key = read_artifact(stages / stage).key[:12]  # a rebuilt stage gets a new file
-        outfile = folder / f"{stage}-{key}.f16.gguf"
-        if not outfile.exists():
-            partial = folder / f"{stage}-{key}.partial.gguf"
-            model = stages / stage
-            convert(find_converter(), model, partial, "f16", declared_pre_tokenizer(model))
-            partial.rename(outfile)
-        files.append(outfile)
-    return files[0], files[1]
-
-
 def llama_server_completions(binary: Path, arguments: list[str], prompts: list[list[int]], new_tokens: int) -> dict:
     """Greedy completions of ``prompts`` from one llama-server process; its own timings per request."""
     import httpx2
@@ -187,6 +168,8 @@ def llama_server_baseline(stages: Path, prompts: list[list[int]], new_tokens: in
             "skipped": "no llama-server binary (llama-cpp-python ships the library only): "
             "run scripts/build_llama_server.sh or set SLIMLINE_LLAMA_SERVER"
         }
+    from gguf_pair import gguf_pair  # benchmarks/gguf_pair.py, beside this script
+
     target, draft = gguf_pair(stages, stages.parent / "llama-server")
     plain = llama_server_completions(binary, ["-m", str(target)], prompts, new_tokens)
     # without --spec-type draft-simple, llama-server loads the draft and never uses it
@@ -431,7 +414,10 @@ def main() -> None:
         "onnxruntime": ("target-onnx", "draft-onnx"),
         "pytorch": ("tuned", "draft"),
     }.items():
-        target, draft = load_language_model(stages / target_stage), load_language_model(stages / draft_stage)
+        target, draft = (
+            open_model(stages / target_stage, shares_cores=True),
+            open_model(stages / draft_stage, shares_cores=True),
+        )
         print(f"sweeping {backend} ...", flush=True)
         sweeps[backend] = sweep(target, draft, prompts, args.new_tokens)
         del target, draft

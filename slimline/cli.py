@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -169,12 +170,33 @@ def run(
     ci: Annotated[
         bool, typer.Option("--ci", help="No bars, JSON log lines on stderr, non-zero exit on any failed stage.")
     ] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Stages produced at once, in worker processes, where no path joins them; evaluation stays one at a time.",
+        ),
+    ] = 1,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Train every training stage data-parallel on this many processes per node (torchrun)."
+        ),
+    ] = 1,
+    nnodes: Annotated[int, typer.Option(min=1, help="Nodes taking part in each distributed training stage.")] = 1,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT where the nodes of a distributed stage meet (needed with --nnodes).")
+    ] = None,
 ) -> None:
     """Run a pipeline: every stage, its evaluation and its report, reusing finished work; the log is in run.log."""
     ci = ci or os.environ.get("CI") == "true"
     setup_logging(quiet, ci, detail=ci)
+    launch = LaunchRequest(nproc_per_node, nnodes, rdzv_endpoint)
     try:
-        outcome = run_pipeline(pipeline, overrides, out, Progress() if (quiet or ci) else BarProgress())
+        progress = Progress() if (quiet or ci) else BarProgress()
+        outcome = run_pipeline(pipeline, overrides, out, progress, jobs, launch)
     except SlimlineError as error:
         fail(error, ci)
     except Exception:
@@ -190,7 +212,23 @@ def run(
         raise typer.Exit(1)
 
 
-def run_pipeline(pipeline: Path, overrides: list[str] | None, out: Path | None, progress: Progress) -> Any:
+@dataclass(frozen=True)
+class LaunchRequest:
+    """``--nproc-per-node``/``--nnodes``/``--rdzv-endpoint``: distributed training for every training stage."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None
+
+
+def run_pipeline(
+    pipeline: Path,
+    overrides: list[str] | None,
+    out: Path | None,
+    progress: Progress,
+    jobs: int = 1,
+    launch: LaunchRequest | None = None,
+) -> Any:
     """Validate and run a pipeline with third-party output captured: the run's into run.log, the start's too.
 
     Validating and importing the runner load transformers, peft and torchao, which print as they load;
@@ -198,11 +236,18 @@ def run_pipeline(pipeline: Path, overrides: list[str] | None, out: Path | None, 
     """
     with captured_output("startup", log_now=False) as startup:
         loaded = load_pipeline(pipeline, overrides)
+        if launch is not None:
+            from slimline.distributed import apply_launch_override
+
+            loaded = apply_launch_override(loaded, launch.nproc_per_node, launch.nnodes, launch.rdzv_endpoint)
+        from slimline.parallel import ParallelRunner
         from slimline.runner import Runner
     run_dir = run_folder(loaded.config.name, out)
     with run_log(run_dir / RUN_LOG):
         startup.log()
-        return Runner(loaded, run_dir, progress=progress).run()
+        if jobs == 1:  # stages one after another in this process, as always
+            return Runner(loaded, run_dir, progress=progress).run()
+        return ParallelRunner(loaded, run_dir, progress=progress, jobs=jobs).run()
 
 
 def log_run_outcome(summary: dict[str, Any], run_dir: Path) -> None:

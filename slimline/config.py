@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field
 from graphlib import TopologicalSorter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimline.errors import ConfigError
 from slimline.registry import STAGES, stage_module, stage_spec
@@ -100,6 +100,39 @@ class OutputCheckConfig(Strict):
     tokens: int = Field(2048, ge=16, description="Calibration tokens scored by both the output and its parent.")
 
 
+class LaunchConfig(Strict):
+    """Data-parallel training of a training stage under ``torchrun`` (docs/scale.md, "Distributed training")."""
+
+    nproc_per_node: int = Field(1, ge=1, description="Training processes on this machine (one per GPU on CUDA).")
+    nnodes: int = Field(
+        1, ge=1, description="Machines; above 1 each other machine runs the same torchrun command (untested)."
+    )
+    rdzv_endpoint: str | None = Field(
+        None, description="HOST:PORT of torchrun's c10d rendezvous; required when nnodes > 1."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp replicates the model in every process; fsdp (FSDP2 fully_shard per decoder layer) shards "
+        "weights, gradients and optimizer state, for models that do not fit one device.",
+    )
+
+    @property
+    def world_size(self) -> int:
+        """Processes in all: nproc_per_node x nnodes."""
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def check_rendezvous(self) -> LaunchConfig:
+        """Several machines meet at a rendezvous endpoint, given as HOST:PORT."""
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint: HOST:PORT that every machine reaches")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rdzv_endpoint: expected HOST:PORT, got {self.rdzv_endpoint!r}")
+        return self
+
+
 class StageConfig(Strict):
     """One stage: a registered kind, its params, and the stage(s) it reads from."""
 
@@ -118,6 +151,11 @@ class StageConfig(Strict):
     check: OutputCheckConfig = Field(
         OutputCheckConfig(),
         description="Floors the output must meet against its parent on calibration tokens before it is published.",
+    )
+    launch: LaunchConfig | None = Field(
+        None,
+        description="Train data-parallel under torchrun (lora, distill, quantize.qat, prune.structured's recovery); "
+        "the result is the same at any world size, so it is not part of the stage's cache key.",
     )
 
     @field_validator("id")
@@ -229,6 +267,7 @@ def validate_data(data: dict[str, Any], path: Path) -> tuple[Pipeline | None, li
         return None, [Problem(tuple(e["loc"]), describe_error(e)) for e in error.errors()]
     problems: list[Problem] = []
     params = validate_stage_params(config, problems)
+    problems += attach_launches(config, params)
     parents = resolve_parents(config, problems)
     problems += find_cycles(parents)
     extra_inputs = resolve_extra_inputs(config, params, problems)
@@ -308,6 +347,54 @@ def validate_stage_params(config: PipelineConfig, problems: list[Problem]) -> di
             for e in error.errors():
                 problems.append(Problem(("stages", index, "params", *e["loc"]), describe_error(e)))
     return params
+
+
+def attach_launches(config: PipelineConfig, params: dict[str, BaseModel]) -> list[Problem]:
+    """Hand each ``launch:`` block to its stage's params (``params._launch``); problems where it cannot apply.
+
+    Only stages that train take one (their module defines ``build_training``), and each of the
+    world's processes takes ``batch_size / world`` rows of every micro-batch, so the batch must
+    divide evenly.
+    """
+    problems = []
+    for index, stage in enumerate(config.stages):
+        if stage.launch is None or stage.id not in params:
+            continue
+        problem = launch_problem(stage, params[stage.id], stage.launch)
+        if problem:
+            problems.append(Problem(("stages", index, *problem.loc), problem.message))
+        else:
+            params[stage.id]._launch = stage.launch  # a private attribute: not a param, not in the cache key
+    return problems
+
+
+def launch_problem(stage: StageConfig, params: BaseModel, launch: LaunchConfig) -> Problem | None:
+    """Why ``launch`` cannot run this stage (loc relative to the stage), or None."""
+    module = stage_module(stage.kind)
+    if not hasattr(module, "build_training"):
+        trainers = sorted(kind for kind in STAGES if hasattr(stage_module(kind), "build_training"))
+        return Problem(("launch",), f"{stage.kind} does not train; launch: applies to {trainers}")
+    path = module.TRAIN_SETTINGS
+    settings: Any = params
+    for name in path:
+        settings = getattr(settings, name)
+    if settings is None:
+        return Problem(("launch",), f"{stage.kind} trains only in params.{'.'.join(path)}, which is not set")
+    if settings.batch_size % launch.world_size:
+        raw: Any = stage.params
+        for name in path:
+            raw = raw.get(name, {}) if isinstance(raw, dict) else {}
+        loc = (
+            ("params", *path, "batch_size")
+            if isinstance(raw, dict) and "batch_size" in raw
+            else ("launch", "nproc_per_node")
+        )
+        return Problem(
+            loc,
+            f"batch_size {settings.batch_size} does not divide among the launch's {launch.world_size} processes "
+            "(nproc_per_node x nnodes); each takes batch_size / processes rows of every micro-batch",
+        )
+    return None
 
 
 def resolve_parents(config: PipelineConfig, problems: list[Problem]) -> dict[str, str]:

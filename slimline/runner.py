@@ -15,6 +15,11 @@ Caching: a stage's key hashes its kind, params, seed, the data it reads and its 
 A finished artifact with the same key is reused; a changed parameter changes that stage's key
 and so every dependent's key, and nothing else. An evaluation is cached by the artifact key
 plus the evaluation settings, so changing only the yardstick re-measures without re-running.
+
+Parallel branches: ``parallel.ParallelRunner`` (``slimline run --jobs N``) overrides
+``produce_stages`` only. It stays the coordinator: it plans stages here (``plan_stage``) and hands
+those that must run to worker processes, which run ``execute_plan`` as this class does. Evaluation
+stays here, after production, one artifact at a time, so every latency figure has one yardstick.
 """
 
 from __future__ import annotations
@@ -76,12 +81,24 @@ class StageResult:
 
 
 @dataclass
+class StagePlan:
+    """A stage that has to run: its inputs are finished, and no artifact with its key exists."""
+
+    stage_id: str
+    kind: str
+    key: str
+    inputs: list[Artifact]
+    folder: Path
+
+
+@dataclass
 class RunResult:
     """Every stage's result plus where the run lives."""
 
     run_dir: Path
     results: list[StageResult]
     seconds: float
+    jobs: int = 1  # worker processes that produced artifacts at once (1: in this process)
 
     @property
     def ok(self) -> bool:
@@ -92,14 +109,25 @@ class RunResult:
 class Runner:
     """Runs one validated pipeline into one run folder."""
 
-    def __init__(self, pipeline: Pipeline, run_dir: Path | None = None, progress: Progress | None = None) -> None:
-        """Set up paths; nothing is loaded until ``run``."""
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        run_dir: Path | None = None,
+        progress: Progress | None = None,
+        model_source: Path | None = None,
+    ) -> None:
+        """Set up paths; nothing is loaded until ``run``.
+
+        ``model_source``: the input checkpoint's folder when the caller has resolved it already (a
+        worker process of a parallel run).
+        """
         self.pipeline = pipeline
         self.config = pipeline.config
         self.run_dir = run_folder(self.config.name, run_dir)
         self.progress = progress or Progress()
+        self.jobs = 1  # stages produced at once (``parallel.ParallelRunner`` sets more)
         self.base = pipeline.source.parent
-        self.model_source = resolve_model_source(self.config.model, self.base)
+        self.model_source = model_source or resolve_model_source(self.config.model, self.base)
         self.data = DataAccess(self.load_stream)
         self.results: dict[str, StageResult] = {}
 
@@ -118,9 +146,7 @@ class Runner:
             log.info("removed %s left by an interrupted run", leftover.name)
         torch.manual_seed(self.config.seed)
         self.results[INPUT_ID] = self.produce_input()
-        for stage_id in topological_order(self.pipeline):
-            self.results[stage_id] = self.produce_stage(stage_id, skips.get(stage_id))
-            log_outcome(self.results[stage_id])
+        self.produce_stages(skips)
         evaluator = Evaluator(self.config.evaluate, self.data, self.results[INPUT_ID].artifact, self.progress)
         try:
             for stage_id, result in self.results.items():
@@ -132,7 +158,7 @@ class Runner:
                     )
         finally:
             evaluator.close()
-        outcome = RunResult(self.run_dir, list(self.results.values()), time.perf_counter() - started)
+        outcome = RunResult(self.run_dir, list(self.results.values()), time.perf_counter() - started, self.jobs)
         write_json_atomic(self.run_dir / "summary.json", summarize(outcome, self.pipeline))
         write_manifest(self.run_dir, self.pipeline, self.splits_read())
         write_run_reports(self.run_dir)
@@ -157,8 +183,19 @@ class Runner:
         manifest.update(files=files, model_path=str(self.model_source))
         return StageResult(INPUT_ID, "input", "ran", artifact=publish(work, folder, manifest))
 
+    def produce_stages(self, skips: dict[str, str]) -> None:
+        """Produce every stage in topological order, one after another, in this process."""
+        for stage_id in topological_order(self.pipeline):
+            self.results[stage_id] = self.produce_stage(stage_id, skips.get(stage_id))
+            log_outcome(self.results[stage_id])
+
     def produce_stage(self, stage_id: str, preflight_skip: str | None) -> StageResult:
         """Reuse, run, or skip one stage."""
+        plan = self.plan_stage(stage_id, preflight_skip)
+        return plan if isinstance(plan, StageResult) else self.execute_plan(plan)
+
+    def plan_stage(self, stage_id: str, preflight_skip: str | None) -> StageResult | StagePlan:
+        """How a stage whose inputs are finished ends without running (skipped, reused), or the plan to run it."""
         stage = self.stage_config(stage_id)
         parent = self.results[self.pipeline.parents[stage_id]]
         if preflight_skip:
@@ -178,14 +215,20 @@ class Runner:
             if problems:
                 return StageResult(stage_id, stage.kind, "failed", reason=problems)
             return StageResult(stage_id, stage.kind, "reused", artifact=reused)
+        return StagePlan(stage_id, stage.kind, key, inputs, folder)
+
+    def execute_plan(self, plan: StagePlan) -> StageResult:
+        """Run a planned stage in this process; an exception fails the stage, not the run."""
         started = time.perf_counter()
         try:
-            with captured_output(stage_id):  # gptqmodel's banner and layer tables, torchao's import lines, ...
-                artifact = self.run_stage(stage_id, stage.kind, key, inputs, folder)
+            with captured_output(plan.stage_id):  # gptqmodel's banner and layer tables, torchao's import lines, ...
+                artifact = self.run_stage(plan.stage_id, plan.kind, plan.key, plan.inputs, plan.folder)
         except Exception as error:  # a failed stage is reported; its siblings still run
-            log.debug("%s failed:\n%s", stage_id, traceback.format_exc())  # into run.log, not onto the terminal
-            return StageResult(stage_id, stage.kind, "failed", reason=f"{type(error).__name__}: {error}")
-        return StageResult(stage_id, stage.kind, "ran", artifact=artifact, run_seconds=time.perf_counter() - started)
+            log.debug("%s failed:\n%s", plan.stage_id, traceback.format_exc())  # into run.log, not the terminal
+            return StageResult(plan.stage_id, plan.kind, "failed", reason=f"{type(error).__name__}: {error}")
+        return StageResult(
+            plan.stage_id, plan.kind, "ran", artifact=artifact, run_seconds=time.perf_counter() - started
+        )
 
     def run_stage(self, stage_id: str, kind: str, key: str, inputs: list[Artifact], folder: Path) -> Artifact:
         """Run a stage into a temporary folder and publish it; the temporary folder goes on failure."""
@@ -448,6 +491,7 @@ def summarize(outcome: RunResult, pipeline: Pipeline) -> dict[str, Any]:
         "ok": outcome.ok,
         "seconds": round(outcome.seconds, 2),
         "seed": pipeline.config.seed,
+        "jobs": outcome.jobs,  # stages produced at once; evaluation always ran one artifact at a time
         "release": release.model_dump(mode="json") if release else None,
         "stages": rows,
     }

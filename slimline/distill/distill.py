@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -26,14 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slimline.artifacts import Artifact
 from slimline.distill.student import build_student, student_config
+from slimline.distributed import fit
 from slimline.evaluate.accuracy import token_windows
 from slimline.models import count_parameters, load_parent_model, save_like_parent
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
-from slimline.training import TrainSettings, train_steps
+from slimline.training import Training, TrainSettings
 
 log = logging.getLogger(__name__)
 
 SPEC = StageSpec(kind="distill", requires=(), extra=None, device="cpu", data=("train", "eval"))
+# Where Params keeps its training settings (a ``launch:`` block trains under torchrun: slimline/distributed.py).
+TRAIN_SETTINGS: tuple[str, ...] = ()
 
 # Held-out tokens on which the stage measures the student's top-1 agreement with its teacher.
 AGREEMENT_TOKENS = 4096
@@ -79,7 +83,11 @@ class LossWeights:
 
 
 class DistillationPair(torch.nn.Module):
-    """Student + projection (trainable) beside a frozen teacher, so one loop trains both parts."""
+    """Student + projection (trainable) beside a frozen teacher; calling it on a batch gives the loss.
+
+    The loss is the module's forward, so a DDP or FSDP wrapper around the pair sees the student's
+    forward and backward, as it must to average the gradients.
+    """
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, weights: LossWeights) -> None:
         super().__init__()
@@ -89,25 +97,33 @@ class DistillationPair(torch.nn.Module):
         s_hidden, t_hidden = student.config.hidden_size, teacher.config.hidden_size
         self.projection = torch.nn.Linear(s_hidden, t_hidden, bias=False) if weights.hidden_weight > 0 else None
 
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """(1 - alpha) T^2 KL(teacher_T || student_T) + alpha CE(labels) + hidden_weight MSE(hidden).
 
-def distillation_loss(pair: DistillationPair, batch: torch.Tensor) -> torch.Tensor:
-    """(1 - alpha) T^2 KL(teacher_T || student_T) + alpha CE(labels) + hidden_weight MSE(hidden)."""
-    weights, inputs, labels = pair.weights, batch[:, :-1], batch[:, 1:]
-    want_hidden = pair.projection is not None
-    pair.teacher.eval()
-    with torch.no_grad():
-        teacher_out = pair.teacher(input_ids=inputs, output_hidden_states=want_hidden)
-    student_out = pair.student(input_ids=inputs, output_hidden_states=want_hidden)
-    s_logits, t_logits = student_out.logits.float().flatten(0, 1), teacher_out.logits.float().flatten(0, 1)
-    T = weights.temperature
-    kl = F.kl_div(
-        F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True, reduction="batchmean"
-    )
-    loss = (1 - weights.alpha) * T * T * kl + weights.alpha * F.cross_entropy(s_logits, labels.flatten())
-    if want_hidden:
-        projected = pair.projection(student_out.hidden_states[-1].float())
-        loss = loss + weights.hidden_weight * F.mse_loss(projected, teacher_out.hidden_states[-1].float())
-    return loss
+        Every term is a mean over the batch's tokens, so data-parallel ranks with equal rows average
+        to one process's loss.
+        """
+        weights, inputs, labels = self.weights, batch[:, :-1], batch[:, 1:]
+        want_hidden = self.projection is not None
+        self.teacher.eval()
+        with torch.no_grad():
+            teacher_out = self.teacher(input_ids=inputs, output_hidden_states=want_hidden)
+        student_out = self.student(input_ids=inputs, output_hidden_states=want_hidden)
+        s_logits, t_logits = student_out.logits.float().flatten(0, 1), teacher_out.logits.float().flatten(0, 1)
+        T = weights.temperature
+        kl = F.kl_div(
+            F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True, reduction="batchmean"
+        )
+        loss = (1 - weights.alpha) * T * T * kl + weights.alpha * F.cross_entropy(s_logits, labels.flatten())
+        if want_hidden:
+            projected = self.projection(student_out.hidden_states[-1].float())
+            loss = loss + weights.hidden_weight * F.mse_loss(projected, teacher_out.hidden_states[-1].float())
+        return loss
+
+
+def distillation_loss(pair: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The loss of a DistillationPair (or of its DDP wrapper) on a batch: the pair's forward."""
+    return pair(batch)
 
 
 @torch.inference_mode()
@@ -164,21 +180,27 @@ def student_shape(teacher_config: Any, spec: StudentSpec) -> dict[str, Any]:
     return {name: value for name, value in student.items() if teacher_config.to_dict().get(name) != value}
 
 
-def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
-    """Build the student, distill it on the train split, save it with the teacher's tokenizer."""
-    parent = inputs[0]
-    teacher = load_parent_model(parent, SPEC.kind)
+def build_training(params: Params, inputs: list[Artifact], prepared: Path | None = None) -> Training:
+    """The student beside its teacher, and the distillation loss: as ``run`` builds it, and every launched rank."""
+    teacher = load_parent_model(inputs[0], SPEC.kind)
     spec = params.student
     config = student_config(teacher.config, spec.layers, spec.hidden_size, spec.intermediate_size, spec.attention_heads)
     student = build_student(teacher, config, init_from_teacher=spec.init == "teacher")
+    pair = DistillationPair(student, teacher, LossWeights(params.temperature, params.alpha, params.hidden_weight))
+    return Training(pair, params, distillation_loss)
+
+
+def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
+    """Build the student, distill it on the train split, save it with the teacher's tokenizer."""
+    parent = inputs[0]
+    training, losses = fit(SPEC.kind, params, inputs, ctx, lambda: build_training(params, inputs))
+    student, teacher = training.model.student, training.model.teacher
     log.info(
         "%s: student %.1fM parameters, teacher %.1fM",
         ctx.stage_id,
         count_parameters(student) / 1e6,
         count_parameters(teacher) / 1e6,
     )
-    pair = DistillationPair(student, teacher, LossWeights(params.temperature, params.alpha, params.hidden_weight))
-    losses = train_steps(pair, ctx.data.stream("train"), params, ctx, loss_fn=distillation_loss)
     agreement = top1_agreement(student, teacher, ctx.data.stream("eval"), params.sequence_length)
     save_like_parent(student, ctx.work_dir, parent)
     return StageOutput(

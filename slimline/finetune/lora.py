@@ -15,20 +15,24 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from slimline.artifacts import Artifact
+from slimline.distributed import fit
 from slimline.models import count_parameters, load_parent_model, save_like_parent
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
-from slimline.training import TrainSettings, train_steps
+from slimline.training import Training, TrainSettings, causal_lm_loss
 
 log = logging.getLogger(__name__)
 
 # peft is a core dependency; QLoRA's bitsandbytes is checked by Params (the 'qlora' extra).
 SPEC = StageSpec(kind="lora", requires=(), extra=None, device="cpu", data=("train", "eval"))
+# Where Params keeps its training settings (a ``launch:`` block trains under torchrun: slimline/distributed.py).
+TRAIN_SETTINGS: tuple[str, ...] = ()
 # Held-out tokens on which a merged model is checked against adapter + base.
 MERGE_CHECK_TOKENS = 128
 
@@ -92,24 +96,36 @@ def unknown_targets_message(architecture: str, unknown: list[str], names: frozen
     )
 
 
-def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
-    """Load the parent, attach adapters, train on the train split, merge or save the adapter."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(params: Params) -> Any:
+    """The LoraConfig (peft) of the params."""
+    from peft import LoraConfig
 
-    parent = inputs[0]
-    model = load_base(parent, params.quantize_base)
-    config = LoraConfig(
+    return LoraConfig(
         r=params.rank,
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
         target_modules=params.target_modules,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+
+
+def build_training(params: Params, inputs: list[Artifact], prepared: Path | None = None) -> Training:
+    """The parent with adapters attached, and its loss: as ``run`` builds it, and as every launched rank does."""
+    from peft import get_peft_model
+
+    return Training(
+        get_peft_model(load_base(inputs[0], params.quantize_base), lora_config(params)), params, causal_lm_loss
+    )
+
+
+def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
+    """Load the parent, attach adapters, train on the train split, merge or save the adapter."""
+    parent = inputs[0]
+    training, losses = fit(SPEC.kind, params, inputs, ctx, lambda: build_training(params, inputs))
+    peft_model, config = training.model, lora_config(params)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = count_parameters(peft_model)
     log.info("lora: %d trainable parameters (%.2f%%)", trainable, 100 * trainable / total)
-    losses = train_steps(peft_model, ctx.data.stream("train"), params, ctx)
     peft_model.eval()
     metrics: dict[str, object] = {}
     if params.merge and params.quantize_base == "nf4":

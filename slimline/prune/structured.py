@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -26,7 +27,8 @@ from pydantic import Field, model_validator
 from slimline.artifacts import Artifact
 from slimline.data import sample_windows
 from slimline.distill.distill import DistillationPair, LossWeights, distillation_loss
-from slimline.models import count_parameters, load_parent_model, save_like_parent
+from slimline.distributed import fit, launch_of, prepared_folder
+from slimline.models import count_parameters, load_causal_lm, load_parent_model, save_like_parent
 from slimline.prune.slicing import (
     block_influence,
     drop_layers,
@@ -40,11 +42,13 @@ from slimline.prune.slicing import (
     slice_heads,
 )
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
-from slimline.training import TrainSettings, train_steps
+from slimline.training import Launchable, Training, TrainSettings, causal_lm_loss
 
 log = logging.getLogger(__name__)
 
 SPEC = StageSpec(kind="prune.structured", requires=(), extra=None, device="cpu", data=("train", "calibration"))
+# Where Params keeps its training settings (a ``launch:`` block trains the recovery under torchrun).
+TRAIN_SETTINGS = ("recovery",)
 
 
 class Recovery(TrainSettings):
@@ -61,7 +65,7 @@ class Recovery(TrainSettings):
     )
 
 
-class Params(StageParams):
+class Params(StageParams, Launchable):
     """What to remove and how to rank it."""
 
     ffn_fraction: float = Field(0.0, ge=0, lt=1, description="Share of FFN channels removed in every layer.")
@@ -154,7 +158,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
         prune_ffn(model, params, calibration)
     after = count_parameters(model)
     log.info("%s: %.2fM -> %.2fM parameters", ctx.stage_id, before / 1e6, after / 1e6)
-    curve = recover(model, original, params.recovery, ctx) if params.recovery else []
+    curve = recover(model, original, params, inputs, ctx) if params.recovery else []
     save_like_parent(model, ctx.work_dir, parent)
     config = model.config
     return StageOutput(
@@ -214,11 +218,37 @@ def prune_ffn(model: torch.nn.Module, params: Params, calibration: torch.Tensor)
 
 
 def recover(
-    model: torch.nn.Module, original: torch.nn.Module | None, settings: Recovery, ctx: StageContext
+    model: torch.nn.Module, original: torch.nn.Module | None, params: Params, inputs: list[Artifact], ctx: StageContext
 ) -> list[float]:
-    """Fine-tune the pruned model, from hard labels or from the unpruned model's soft targets."""
-    stream = ctx.data.stream("train")
+    """Fine-tune the pruned model in place, from hard labels or from the unpruned model's soft targets.
+
+    Under a ``launch:`` block the pruned model is saved for the ranks to load (pruning again in
+    every rank would repeat the calibration passes); the trained weights come back into ``model``.
+    """
+    assert params.recovery is not None
+    settings = params.recovery
+    prepared = None
+    if launch_of(params) is not None:
+        prepared = prepared_folder(ctx)
+        model.save_pretrained(prepared, safe_serialization=True)  # float32, as it is here
+    _, curve = fit(SPEC.kind, params, inputs, ctx, lambda: recovery_training(model, original, settings), prepared)
+    return curve
+
+
+def recovery_training(model: torch.nn.Module, original: torch.nn.Module | None, settings: Recovery) -> Training:
+    """The recovery fine-tune of a pruned model: plain, or distilled from the unpruned ``original``."""
     if original is None:
-        return train_steps(model, stream, settings, ctx)
-    pair = DistillationPair(model, original, LossWeights(settings.temperature, settings.alpha))
-    return train_steps(pair, stream, settings, ctx, loss_fn=distillation_loss)
+        return Training(model, settings, causal_lm_loss)
+    return Training(
+        DistillationPair(model, original, LossWeights(settings.temperature, settings.alpha)),
+        settings,
+        distillation_loss,
+    )
+
+
+def build_training(params: Params, inputs: list[Artifact], prepared: Path | None = None) -> Training:
+    """A launched rank's recovery: the pruned model the stage saved in ``prepared``, beside the unpruned parent."""
+    assert params.recovery is not None and prepared is not None
+    model = load_causal_lm(prepared)
+    original = load_parent_model(inputs[0], SPEC.kind) if params.recovery.mode == "distill" else None
+    return recovery_training(model, original, params.recovery)

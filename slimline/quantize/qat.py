@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from slimline.artifacts import Artifact
+from slimline.distributed import fit
 from slimline.hardware import Precision
 from slimline.models import load_parent_model, stored_dtype
 from slimline.quantize import int8
@@ -37,12 +39,14 @@ from slimline.quantize.common import (
     check_unquantized_shape,
 )
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
-from slimline.training import TrainSettings, train_steps
+from slimline.training import Training, TrainSettings, causal_lm_loss
 
 log = logging.getLogger(__name__)
 
 SPEC = StageSpec(kind="quantize.qat", requires=("torchao",), extra="quant", device="cpu", data=("train",))
 FORMAT = "torch-int8"
+# Where Params keeps its training settings (a ``launch:`` block trains under torchrun: slimline/distributed.py).
+TRAIN_SETTINGS: tuple[str, ...] = ()
 
 
 class Params(StageParams, TrainSettings):
@@ -121,17 +125,24 @@ def convert(model: torch.nn.Module) -> None:
     quantize_(model, QATConfig(step="convert"))
 
 
-def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
-    """Prepare, fine-tune with fake quantization, convert, then quantize to the int8 artifact."""
-    parent = inputs[0]
-    model = load_parent_model(parent, SPEC.kind)
+def build_training(params: Params, inputs: list[Artifact], prepared: Path | None = None) -> Training:
+    """The parent with fake-quantized linears, and its loss: as ``run`` builds it, and every launched rank."""
+    model = load_parent_model(inputs[0], SPEC.kind)
     names = int8.quantizable_linears(model, params.include_lm_head)
     if params.include_lm_head and model.config.tie_word_embeddings:
         # the LM head gets its own trainable copy: fake-quantizing it must not round the input embeddings
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
         model.config.tie_word_embeddings = False
     prepare(model, names, params)
-    losses = train_steps(model, ctx.data.stream("train"), params, ctx)
+    return Training(model, params, causal_lm_loss)
+
+
+def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutput:
+    """Prepare, fine-tune with fake quantization, convert, then quantize to the int8 artifact."""
+    parent = inputs[0]
+    training, losses = fit(SPEC.kind, params, inputs, ctx, lambda: build_training(params, inputs))
+    model = training.model
+    names = int8.quantizable_linears(model, params.include_lm_head)  # torchao's fake-quantized linears are Linears
     convert(model)
     int8.quantize_per_token_layers(model, names, params.weight_granularity, params.weight_bits)
     recipe = {

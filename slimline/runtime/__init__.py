@@ -39,12 +39,14 @@ def artifact_format(folder: Path) -> str:
     return "hf"
 
 
-def open_model(folder: Path, max_sequences: int = 1, shares_cores: bool = False) -> RuntimeModel:
+def open_model(folder: Path, max_sequences: int = 1, shares_cores: bool = False, serving: bool = False) -> RuntimeModel:
     """Load an artifact folder into the runtime of its format.
 
     ``max_sequences``: sequences open at once (llama.cpp sizes one context for them; the dense
     runtimes have no such bound). ``shares_cores``: another model takes turns on the same cores
-    (a speculative pair), so ONNX Runtime's idle threads must not spin.
+    (a speculative pair), so ONNX Runtime's idle threads must not spin. ``serving``: run as the
+    server would, llama.cpp with its fused (flash) attention as llama-server does; evaluation
+    leaves it off so scores match llama.cpp's reference scoring.
     """
     if not folder.is_dir():
         raise ArtifactError(
@@ -69,7 +71,7 @@ def open_model(folder: Path, max_sequences: int = 1, shares_cores: bool = False)
     if fmt == "gguf":
         from slimline.runtime.llama_cpp_model import LlamaCppModel  # an optional extra
 
-        return LlamaCppModel(folder, max_sequences=max_sequences)
+        return LlamaCppModel(folder, max_sequences=max_sequences, flash_attention=serving)
     from slimline.runtime.tensorrt_model import TensorRTModel  # needs TensorRT and CUDA
 
     return TensorRTModel(folder)

@@ -191,8 +191,15 @@ class LlamaCppModel(RuntimeModel):
 
     backend = "llama.cpp"
 
-    def __init__(self, folder: Path, max_sequences: int = 1, cache_tokens: int | None = None) -> None:
-        """Load ``folder/model.gguf``; ``cache_tokens`` cells shared by all sequences (default: see the module)."""
+    def __init__(
+        self, folder: Path, max_sequences: int = 1, cache_tokens: int | None = None, flash_attention: bool = False
+    ) -> None:
+        """Load ``folder/model.gguf``; ``cache_tokens`` cells shared by all sequences (default: see the module).
+
+        ``flash_attention``: llama.cpp's fused attention, what ``llama-server`` uses by default; faster
+        over many sequences, with slightly different rounding, so the evaluator keeps it off and its
+        scores match llama.cpp's reference scoring (``open_gguf``) bit for bit.
+        """
         import llama_cpp
 
         self.api = llama_cpp
@@ -204,6 +211,7 @@ class LlamaCppModel(RuntimeModel):
             raise ValueError(f"cache_tokens must be at least 1, not {cache_tokens}")
         self.name = folder.name
         self.max_batch = max_sequences
+        self.flash_attention = flash_attention
         self.model = self.load_model(folder / MODEL_FILE)
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
         cells = cache_tokens if cache_tokens is not None else default_cache_tokens(n_ctx_train, max_sequences)
@@ -251,7 +259,9 @@ class LlamaCppModel(RuntimeModel):
         params.n_seq_max = max_sequences
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = threads
-        params.flash_attn_type = api.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = (
+            api.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attention else api.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         ctx = api.llama_init_from_model(self.model, params)
         if not ctx:
             reason = take_recent_messages()

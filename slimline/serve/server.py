@@ -25,8 +25,10 @@ def build_engine(pair: ServeBundle, max_active: int, max_batch: int | None = Non
         draft_tokenizer = load_tokenizer(tokenizer_folder(pair.draft))
         check_same_vocabulary(tokenizer, draft_tokenizer, pair.target, pair.draft)
     shares_cores = pair.draft is not None
-    target_model = open_model(pair.target, max_sequences=max_active, shares_cores=shares_cores)
-    draft_model = open_model(pair.draft, max_sequences=max_active, shares_cores=True) if pair.draft else None
+    target_model = open_model(pair.target, max_sequences=max_active, shares_cores=shares_cores, serving=True)
+    draft_model = (
+        open_model(pair.draft, max_sequences=max_active, shares_cores=True, serving=True) if pair.draft else None
+    )
     return Engine(
         target_model,
         tokenizer,
