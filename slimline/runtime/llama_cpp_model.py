@@ -14,6 +14,12 @@ bounds memory: a SmolLM2-135M cell holds 23 KB of f16 keys and values, so 32768 
 llama.cpp rounds the cache up to a multiple of 256 cells. When the shared cache is full,
 ``forward`` raises ``CacheFullError`` and leaves every sequence as it was.
 
+The server asks for a *split* cache instead (``unified_cache=False``, llama-server's default):
+each sequence has its own stream of ``cells / max_sequences`` cells, which bounds its context,
+but its cells always sit in order from position 0, so its attention sums in the same order
+whatever the other sequences hold, and a request's greedy output is the same batched as alone.
+In a unified cache a sequence's cells land wherever there is room, and a near tie can flip.
+
 Flash attention stays off and weights stay on the CPU, as llama-cpp-python's ``Llama`` (the old
 scoring path) had them, so a window's logits are those the evaluator always measured. A model is
 not thread-safe: one thread runs its passes.
@@ -192,9 +198,17 @@ class LlamaCppModel(RuntimeModel):
     backend = "llama.cpp"
 
     def __init__(
-        self, folder: Path, max_sequences: int = 1, cache_tokens: int | None = None, flash_attention: bool = False
+        self,
+        folder: Path,
+        max_sequences: int = 1,
+        cache_tokens: int | None = None,
+        flash_attention: bool = False,
+        unified_cache: bool = True,
     ) -> None:
-        """Load ``folder/model.gguf``; ``cache_tokens`` cells shared by all sequences (default: see the module).
+        """Load ``folder/model.gguf``; ``cache_tokens`` cells for all sequences (default: see the module).
+
+        ``unified_cache``: all sequences share the cells (see the module), or each has its own
+        ``cells / max_sequences`` (what the server uses: batched output equals output alone).
 
         ``flash_attention``: llama.cpp's fused attention, what ``llama-server`` uses by default; faster
         over many sequences, with slightly different rounding, so the evaluator keeps it off and its
@@ -212,13 +226,15 @@ class LlamaCppModel(RuntimeModel):
         self.name = folder.name
         self.max_batch = max_sequences
         self.flash_attention = flash_attention
+        self.unified_cache = unified_cache
         self.model = self.load_model(folder / MODEL_FILE)
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
         cells = cache_tokens if cache_tokens is not None else default_cache_tokens(n_ctx_train, max_sequences)
         self.ctx = self.new_context(folder / MODEL_FILE, cells, max_sequences)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.cache_cells = int(llama_cpp.llama_n_ctx(self.ctx))
-        self.context_length = min(n_ctx_train, self.cache_cells)
+        per_sequence = self.cache_cells if unified_cache else self.cache_cells // max_sequences
+        self.context_length = min(n_ctx_train, per_sequence)
         self.n_batch = int(llama_cpp.llama_n_batch(self.ctx))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model)))
         self.seq_table = np.arange(max_sequences, dtype=np.int32)  # what every token's seq_id pointer points into
@@ -257,7 +273,7 @@ class LlamaCppModel(RuntimeModel):
         params.n_ctx = cells
         params.n_batch = params.n_ubatch = BATCH_TOKENS
         params.n_seq_max = max_sequences
-        params.kv_unified = True
+        params.kv_unified = self.unified_cache
         params.n_threads = params.n_threads_batch = threads
         params.flash_attn_type = (
             api.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attention else api.LLAMA_FLASH_ATTN_TYPE_DISABLED

@@ -248,7 +248,7 @@ class Engine:
         """One scheduling step: drop cancelled requests, prefill a chunk, one round for a batch."""
         for job in [job for job in self.active if job.handle.cancelled.is_set()]:
             self._finish(job, "", "cancelled")
-        prefilling = [job for job in self.active if not job.lane.prefilled]
+        prefilling = [job for job in self.active if not job.lane.prefilled][: self.max_batch]
         if prefilling:
             self._run_safely(prefilling, lambda: prefill([job.lane for job in prefilling], self.max_step_tokens))
         ready = [job for job in self.active if job.lane.prefilled]

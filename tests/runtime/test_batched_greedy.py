@@ -62,9 +62,10 @@ def open_pair(runtime: str, root: Path) -> tuple[RuntimeModel, RuntimeModel]:
 
     if gguf_converter.missing_converter():
         pytest.skip(f"llama.cpp's converter is not fetched: run `{gguf_converter.fetch_command()}`")
+    serving = {"max_sequences": 8, "flash_attention": True, "unified_cache": False}  # as the server opens them
     return (
-        LlamaCppModel(gguf_folder(target_hf, root / "target"), max_sequences=8),
-        LlamaCppModel(gguf_folder(draft_hf, root / "draft"), max_sequences=8),
+        LlamaCppModel(gguf_folder(target_hf, root / "target"), **serving),
+        LlamaCppModel(gguf_folder(draft_hf, root / "draft"), **serving),
     )
 
 
