@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slimline.runtime.base import Feed, RuntimeModel, Sequence, check_feeds
+from slimline.runtime.base import Feed, RuntimeModel, check_feeds
 from slimline.runtime.layout import LOGITS, CacheLayout
-from slimline.runtime.ragged import pad_caches, ragged_batch, row_cache, row_logits
+from slimline.runtime.ragged import DenseSequence, keep_presents, pad_caches, ragged_batch, row_logits
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,6 @@ def session_layout(session) -> tuple[CacheLayout, type]:
     return layout, dtype
 
 
-class OnnxSequence(Sequence):
-    """A sequence's cache arrays, layer by layer (key then value), each [1, kv_heads, length, head_dim]."""
-
-    def __init__(self, model: OnnxModel) -> None:
-        self.model = model
-        self.past = [model.empty_cache] * len(model.layout.past_names())
-        self.length = 0
-
-    def truncate(self, length: int) -> None:
-        """Keep only the first ``length`` cached positions (drop rejected speculative tokens)."""
-        if length < self.length:
-            self.past = [cache[:, :, :length] for cache in self.past]
-        self.length = min(length, self.length)
-
-
 class OnnxModel(RuntimeModel):
     """An ``export.onnx`` artifact run by ONNX Runtime (CUDA provider where available, else CPU)."""
 
@@ -110,9 +95,9 @@ class OnnxModel(RuntimeModel):
         )
         log.info("onnxruntime providers: %s", self.providers)
 
-    def new_sequence(self) -> OnnxSequence:
+    def new_sequence(self) -> DenseSequence:
         """A sequence with an empty cache."""
-        return OnnxSequence(self)
+        return DenseSequence(self)
 
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
         """One graph run over the padded batch; each row keeps its own part of the presents."""
@@ -130,9 +115,7 @@ class OnnxModel(RuntimeModel):
             inputs[name] = np.ascontiguousarray(padded.numpy())
         outputs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, inputs), strict=True))
         presents = [torch.from_numpy(outputs[name]) for name in self.layout.present_names()]
-        for row, sequence in enumerate(sequences):
-            sequence.past = [row_cache(old, new, batch, row) for old, new in zip(sequence.past, presents, strict=True)]
-            sequence.length += batch.new_lengths[row]
+        keep_presents(sequences, presents, batch)
         logits = torch.from_numpy(outputs[LOGITS])
         return [row_logits(logits, batch, row, feed.all_logits) for row, feed in enumerate(feeds)]
 

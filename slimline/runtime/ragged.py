@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from slimline.runtime.base import RuntimeModel, Sequence
+
 
 @dataclass
 class RaggedBatch:
@@ -89,3 +91,29 @@ def row_logits(logits: torch.Tensor, batch: RaggedBatch, row: int, all_logits: b
     count = batch.new_lengths[row]
     rows = logits[row, :count] if all_logits else logits[row, count - 1 : count]
     return rows.float()
+
+
+class DenseSequence(Sequence):
+    """A sequence whose cache is dense tensors, layer by layer (key then value), each [1, kv_heads, length, dim].
+
+    ``model.empty_cache`` is a [1, kv_heads, 0, dim] tensor of the cache's dtype and device, and
+    ``model.layout`` the graph's ``CacheLayout`` (ONNX Runtime, TensorRT).
+    """
+
+    def __init__(self, model: RuntimeModel) -> None:
+        self.model = model
+        self.past = [model.empty_cache] * len(model.layout.past_names())
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` cached positions (drop rejected speculative tokens)."""
+        if length < self.length:
+            self.past = [cache[:, :, :length] for cache in self.past]
+        self.length = min(length, self.length)
+
+
+def keep_presents(sequences: list, presents: list[torch.Tensor], batch: RaggedBatch) -> None:
+    """Give each row's sequence its old cache plus its new keys/values, and count its new tokens."""
+    for row, sequence in enumerate(sequences):
+        sequence.past = [row_cache(old, new, batch, row) for old, new in zip(sequence.past, presents, strict=True)]
+        sequence.length += batch.new_lengths[row]

@@ -15,26 +15,11 @@ from pathlib import Path
 import torch
 
 from slimline.errors import ArtifactError
-from slimline.runtime.base import Feed, RuntimeModel, Sequence, check_feeds
+from slimline.runtime.base import Feed, RuntimeModel, check_feeds
 from slimline.runtime.layout import INPUT_NAMES, LOGITS, CacheLayout
-from slimline.runtime.ragged import pad_caches, ragged_batch, row_cache, row_logits
+from slimline.runtime.ragged import DenseSequence, keep_presents, pad_caches, ragged_batch, row_logits
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32}
-
-
-class TensorRTSequence(Sequence):
-    """A sequence's cache on the GPU, layer by layer (key then value), each [1, kv_heads, length, head_dim]."""
-
-    def __init__(self, model: TensorRTModel) -> None:
-        self.model = model
-        self.past = [model.empty_cache] * len(model.layout.past_names())
-        self.length = 0
-
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` cached positions."""
-        if length < self.length:
-            self.past = [cache[:, :, :length] for cache in self.past]
-        self.length = min(length, self.length)
 
 
 class TensorRTModel(RuntimeModel):
@@ -73,9 +58,9 @@ class TensorRTModel(RuntimeModel):
         self.name = folder.name
         self.context_length = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
 
-    def new_sequence(self) -> TensorRTSequence:
+    def new_sequence(self) -> DenseSequence:
         """A sequence with an empty cache."""
-        return TensorRTSequence(self)
+        return DenseSequence(self)
 
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
         """One engine execution over the padded batch; each row keeps its own part of the presents."""
@@ -89,9 +74,7 @@ class TensorRTModel(RuntimeModel):
             inputs[name] = pad_caches([s.past[index] for s in sequences], batch.padded_past).contiguous()
         results = self._execute(inputs)
         presents = [results[name] for name in self.layout.present_names()]
-        for row, sequence in enumerate(sequences):
-            sequence.past = [row_cache(old, new, batch, row) for old, new in zip(sequence.past, presents, strict=True)]
-            sequence.length += batch.new_lengths[row]
+        keep_presents(sequences, presents, batch)
         logits = results[LOGITS].float().cpu()
         return [row_logits(logits, batch, row, feed.all_logits) for row, feed in enumerate(feeds)]
 
