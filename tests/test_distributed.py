@@ -153,7 +153,9 @@ def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path: Path) -> None:
     with pytest.raises(StageError) as error:
         run_torchrun(job_dir, LaunchConfig(**launch), ctx)
     message = str(error.value)
-    assert "torchrun exit status 1" in message and "rank 0:" in message and "no-such-kind" in message
+    # whichever rank fails first is the one reported
+    assert "torchrun exit status 1" in message and "no-such-kind" in message
+    assert "rank 0:" in message or "rank 1:" in message
     assert time.perf_counter() - started < 120
 
 
@@ -170,6 +172,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 70 s on 2 cores: `pytest -m slow tests/test_distributed.py`; the suite stays near its time budget
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; ranks die with their parent on Linux")
 def test_killed_distributed_stage_reruns_to_the_same_weights(launched: Path, tiny_model: Path, tmp_path: Path) -> None:
     # the fixture's lora-ddp stage, alone: the same key, so the same weights once it ran uninterrupted

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "quantization": "quantization",
     "speculative": "speculative",
     "quickstart_cache": "quickstart_cache",
+    "serving": "serving",
 }
 
 
