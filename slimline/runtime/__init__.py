@@ -28,10 +28,21 @@ RUNTIME_BY_FORMAT = {
 }
 
 
+def read_manifest(folder: Path) -> dict:
+    """An artifact folder's manifest, or {} for a plain folder."""
+    return json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).exists() else {}
+
+
+def model_folder(folder: Path) -> Path:
+    """Where an artifact's model and tokenizer files are: the folder, or the input artifact's source checkpoint."""
+    return Path(read_manifest(folder).get("model_path") or folder)
+
+
 def artifact_format(folder: Path) -> str:
     """The format of an artifact folder, or what a plain folder holds (a checkpoint, a graph, a GGUF file)."""
-    if (folder / MANIFEST).exists():
-        return json.loads((folder / MANIFEST).read_text())["format"]
+    manifest = read_manifest(folder)
+    if manifest:
+        return manifest["format"]
     if (folder / "model.onnx").exists():
         return "onnx"
     if (folder / "model.gguf").exists():
@@ -54,13 +65,13 @@ def open_model(folder: Path, max_sequences: int = 1, shares_cores: bool = False,
             f"{folder} is not a folder: give an artifact folder (runs/<name>/stages/<id>) or a checkpoint"
         )
     fmt = artifact_format(folder)
-    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).exists() else {}
+    manifest = read_manifest(folder)
     if fmt not in RUNTIME_BY_FORMAT:
         raise ArtifactError(f"{folder} is a {fmt!r} artifact; models run from {', '.join(RUNTIME_BY_FORMAT)}")
     if fmt in ("hf", "source", "torch-int8"):
         from slimline.runtime.torch_model import TorchModel
 
-        return TorchModel(Path(manifest.get("model_path") or folder), name=folder.name)
+        return TorchModel(model_folder(folder), name=folder.name)
     if fmt == "peft":
         from slimline.runtime.torch_model import TorchModel
 

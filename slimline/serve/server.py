@@ -17,12 +17,12 @@ log = logging.getLogger(__name__)
 def build_engine(pair: ServeBundle, max_active: int, max_batch: int | None = None):
     """Load the models and the target's tokenizer into an engine (the draft must share the vocabulary)."""
     from slimline.models import load_tokenizer
-    from slimline.runtime import open_model
+    from slimline.runtime import model_folder, open_model
     from slimline.serve.engine import Engine
 
-    tokenizer = load_tokenizer(tokenizer_folder(pair.target))
+    tokenizer = load_tokenizer(model_folder(pair.target))
     if pair.draft is not None:
-        draft_tokenizer = load_tokenizer(tokenizer_folder(pair.draft))
+        draft_tokenizer = load_tokenizer(model_folder(pair.draft))
         check_same_vocabulary(tokenizer, draft_tokenizer, pair.target, pair.draft)
     shares_cores = pair.draft is not None
     target_model = open_model(pair.target, max_sequences=max_active, shares_cores=shares_cores, serving=True)
@@ -38,20 +38,6 @@ def build_engine(pair: ServeBundle, max_active: int, max_batch: int | None = Non
         max_active=max_active,
         max_batch=max_batch,
     )
-
-
-def tokenizer_folder(folder: Path) -> Path:
-    """Where an artifact's tokenizer is: beside its model files (the input artifact: its source checkpoint)."""
-    from slimline.artifacts import MANIFEST
-
-    manifest = folder / MANIFEST
-    if manifest.exists():
-        import json
-
-        model_path = json.loads(manifest.read_text()).get("model_path")
-        if model_path:
-            return Path(model_path)
-    return folder
 
 
 def resolve_pair(target: Path, draft: Path | None, k: int | None, adaptive: bool | None) -> ServeBundle:
