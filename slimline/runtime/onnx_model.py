@@ -17,11 +17,13 @@ import torch
 
 from slimline.runtime.base import Feed, RuntimeModel, check_feeds
 from slimline.runtime.layout import LOGITS, CacheLayout
-from slimline.runtime.ragged import DenseSequence, keep_presents, pad_caches, ragged_batch, row_logits
+from slimline.runtime.ragged import DenseSequence, KeptBatch, kept_batch_inputs
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+# Hole columns (padding, dropped proposals) a kept batch may carry before its rows are padded afresh.
+SPARE_COLUMNS = 32
 
 
 def choose_providers(preferred: str = "auto") -> list[str]:
@@ -90,6 +92,7 @@ class OnnxModel(RuntimeModel):
         empty = np.zeros((1, self.layout.kv_heads, 0, self.layout.head_dim), dtype=self.cache_dtype)
         self.empty_cache = torch.from_numpy(empty)
         self.name = folder.name
+        self.kept: KeptBatch | None = None  # the last pass's rows and caches
         self.context_length = (
             context_length or json.loads((folder / "config.json").read_text())["max_position_embeddings"]
         )
@@ -100,24 +103,36 @@ class OnnxModel(RuntimeModel):
         return DenseSequence(self)
 
     def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
-        """One graph run over the padded batch; each row keeps its own part of the presents."""
+        """One graph run over the padded batch; the presents are kept whole for a next pass over the same rows."""
         check_feeds(feeds, self.context_length)
         sequences = [feed.sequence for feed in feeds]
-        batch = ragged_batch([s.length for s in sequences], [feed.tokens for feed in feeds])
-        past_names = self.layout.past_names()
-        inputs = {
-            "input_ids": batch.input_ids.numpy(),
-            "attention_mask": batch.attention_mask.numpy(),
-            "position_ids": batch.position_ids.numpy(),
-        }
-        for index, name in enumerate(past_names):
-            padded = pad_caches([s.past[index] for s in sequences], batch.padded_past)
-            inputs[name] = np.ascontiguousarray(padded.numpy())
+        kept = self.kept if self.kept is not None and self.kept.holds(sequences) else None
+        if kept is None:
+            self.dissolve_kept()
+        prepared = kept_batch_inputs(sequences, [feed.tokens for feed in feeds], kept)
+        inputs = {name: prepared[name] for name in ("input_ids", "attention_mask", "position_ids")}
+        inputs.update(zip(self.layout.past_names(), prepared["caches"], strict=True))
         outputs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, inputs), strict=True))
-        presents = [torch.from_numpy(outputs[name]) for name in self.layout.present_names()]
-        keep_presents(sequences, presents, batch)
+        self.kept = KeptBatch(
+            list(sequences), [outputs[name] for name in self.layout.present_names()], prepared["valid_after"]
+        )
+        for row, feed in enumerate(feeds):
+            feed.sequence.kept, feed.sequence.row = self.kept, row
+            feed.sequence.length += len(feed.tokens)
+        if self.kept.spare_columns > max(SPARE_COLUMNS, self.kept.valid.shape[1] // 4):
+            self.dissolve_kept()  # the next pass pads the rows afresh, without the holes
         logits = torch.from_numpy(outputs[LOGITS])
-        return [row_logits(logits, batch, row, feed.all_logits) for row, feed in enumerate(feeds)]
+        new = [len(feed.tokens) for feed in feeds]
+        return [
+            (logits[row, : new[row]] if feed.all_logits else logits[row, new[row] - 1 : new[row]]).float()
+            for row, feed in enumerate(feeds)
+        ]
+
+    def dissolve_kept(self) -> None:
+        """Hand the rows of the last pass their own caches (before a pass over other rows)."""
+        if self.kept is not None:
+            self.kept.dissolve()
+            self.kept = None
 
     def parameter_count(self) -> int | None:
         """Elements of the graph's weight initialisers (quantised weights count once, not their scales)."""
@@ -135,4 +150,5 @@ class OnnxModel(RuntimeModel):
 
     def close(self) -> None:
         """Drop the session."""
+        self.dissolve_kept()
         self.session = None

@@ -97,19 +97,109 @@ class DenseSequence(Sequence):
     """A sequence whose cache is dense tensors, layer by layer (key then value), each [1, kv_heads, length, dim].
 
     ``model.empty_cache`` is a [1, kv_heads, 0, dim] tensor of the cache's dtype and device, and
-    ``model.layout`` the graph's ``CacheLayout`` (ONNX Runtime, TensorRT).
+    ``model.layout`` the graph's ``CacheLayout`` (ONNX Runtime, TensorRT). While the sequence is a
+    row of its model's ``KeptBatch`` its cache lives there (``kept``, ``row``) and ``past`` is stale.
     """
 
     def __init__(self, model: RuntimeModel) -> None:
         self.model = model
         self.past = [model.empty_cache] * len(model.layout.past_names())
         self.length = 0
+        self.kept: KeptBatch | None = None
+        self.row = 0
 
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` cached positions (drop rejected speculative tokens)."""
         if length < self.length:
-            self.past = [cache[:, :, :length] for cache in self.past]
+            if self.kept is not None:
+                self.kept.truncate(self.row, length)
+            else:
+                self.past = [cache[:, :, :length] for cache in self.past]
         self.length = min(length, self.length)
+
+    def close(self) -> None:
+        """Leave the kept batch (its row becomes dead weight until the batch is dissolved)."""
+        if self.kept is not None:
+            self.kept.sequences[self.row] = None
+            self.kept = None
+
+
+@dataclass
+class KeptBatch:
+    """The padded caches of a dense runtime's last pass, kept as they are for a next pass over the same rows.
+
+    Decoding runs the same rows step after step: padding every row's cache into a batch and
+    cutting the presents back into rows would copy every cache twice a step. Instead the batch's
+    presents stay whole: row ``i`` holds a cached token in column ``t`` where ``valid[i, t]``;
+    padding, and tokens a row dropped (rejected proposals), are holes that the attention mask
+    hides. Rows get their own caches back (``dissolve``) when a pass runs another set of rows, or
+    when holes make the batch much wider than its longest row.
+    """
+
+    sequences: list[DenseSequence | None]  # None: closed since
+    caches: list[np.ndarray]  # per cache tensor: [B, kv_heads, T, dim]
+    valid: np.ndarray  # bool [B, T]
+
+    def holds(self, sequences: list) -> bool:
+        """Whether a pass over ``sequences`` is a pass over exactly these rows, in this order."""
+        return len(sequences) == len(self.sequences) and all(
+            a is b for a, b in zip(sequences, self.sequences, strict=True)
+        )
+
+    def truncate(self, row: int, length: int) -> None:
+        """Hide every cached token of ``row`` after its first ``length``."""
+        columns = np.flatnonzero(self.valid[row])
+        self.valid[row, columns[length:]] = False
+
+    @property
+    def spare_columns(self) -> int:
+        """Columns beyond what the longest row holds: the width holes cost every row."""
+        return self.valid.shape[1] - int(self.valid.sum(axis=1).max())
+
+    def dissolve(self) -> None:
+        """Give each open row's sequence its own cache again: its valid columns (a view when they lead the row)."""
+        for row, sequence in enumerate(self.sequences):
+            if sequence is None:
+                continue
+            columns = np.flatnonzero(self.valid[row])
+            leading = len(columns) == 0 or columns[-1] == len(columns) - 1
+            pick = slice(0, len(columns)) if leading else columns
+            sequence.past = [torch.from_numpy(cache[row : row + 1][:, :, pick]) for cache in self.caches]
+            sequence.kept = None
+        self.sequences = []
+
+
+def kept_batch_inputs(sequences: list[DenseSequence], rows: list[list[int]], kept: KeptBatch | None) -> dict:
+    """Inputs of a pass (ids, mask, positions, the past caches by index) and the mask columns it adds.
+
+    Over the rows of ``kept``: its caches as they are. Otherwise each row's own cache, padded.
+    """
+    batch, padded_new = len(rows), max(len(row) for row in rows)
+    if kept is not None:
+        caches, valid = kept.caches, kept.valid
+    else:
+        lengths = [sequence.length for sequence in sequences]
+        caches = [
+            pad_caches([sequence.past[index] for sequence in sequences], max(lengths)).numpy()
+            for index in range(len(sequences[0].past))
+        ]
+        valid = np.arange(max(lengths))[None, :] < np.array(lengths)[:, None]
+    new_lengths = np.array([len(row) for row in rows])
+    new_valid = np.arange(padded_new)[None, :] < new_lengths[:, None]
+    input_ids = np.zeros((batch, padded_new), dtype=np.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+    # Padded positions continue the count so every position id stays within the model's range.
+    starts = np.array([sequence.length for sequence in sequences])
+    position_ids = starts[:, None] + np.arange(padded_new)[None, :]
+    attention = np.concatenate([valid, new_valid], axis=1)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids.astype(np.int64),
+        "attention_mask": attention.astype(np.int64),
+        "caches": [np.ascontiguousarray(cache) for cache in caches],
+        "valid_after": attention,
+    }
 
 
 def keep_presents(sequences: list, presents: list[torch.Tensor], batch: RaggedBatch) -> None:

@@ -248,9 +248,11 @@ class Engine:
         """One scheduling step: drop cancelled requests, prefill a chunk, one round for a batch."""
         for job in [job for job in self.active if job.handle.cancelled.is_set()]:
             self._finish(job, "", "cancelled")
-        prefilling = [job for job in self.active if not job.lane.prefilled][: self.max_batch]
+        drafting = self.draft is not None and self.draft_length.k > 0  # k 0: the draft idles, uncached
+        prefilling = [job for job in self.active if job.lane.behind(drafting)][: self.max_batch]
         if prefilling:
-            self._run_safely(prefilling, lambda: prefill([job.lane for job in prefilling], self.max_step_tokens))
+            lanes = [job.lane for job in prefilling]
+            self._run_safely(prefilling, lambda: prefill(lanes, self.max_step_tokens, drafting))
         ready = [job for job in self.active if job.lane.prefilled]
         batch = ready[: self.max_batch]
         if not batch:

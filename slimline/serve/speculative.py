@@ -27,6 +27,11 @@ import torch
 from slimline.runtime import Feed, RuntimeModel, Sequence
 from slimline.serve.sampling import SamplingParams, distribution, sample
 
+# While k is 0 the draft sees nothing (its prompt is not even prefilled): a lane that proposes
+# again first feeds its draft what it missed, in its first draft pass, when that is at most this
+# many tokens; a lane further behind decodes target-only while ``prefill`` catches its draft up.
+CATCH_UP_TOKENS = 512
+
 
 @dataclass
 class DecodeStats:
@@ -71,8 +76,9 @@ class DraftLength:
     ``v``; both are lines fitted to the average measured time of each size seen, because a
     batched pass over more rows or tokens costs more, but far less than proportionally. k = 0
     (target only) is picked when no draft length pays for itself; then every ``probe_every``
-    rounds a k = 1 round re-measures the acceptance, so a draft that starts agreeing again is
-    used again.
+    rounds one lane of the batch proposes one token (``probe_due``), which re-measures the
+    acceptance at the cost of a single draft row, so a draft that starts agreeing again is used
+    again.
     """
 
     def __init__(
@@ -94,6 +100,7 @@ class DraftLength:
         self.draft_seconds: dict[int, float] = {}  # rows in one draft pass -> moving average seconds
         self.pass_seconds: dict[int, float] = {}  # tokens in one target pass -> moving average seconds
         self.rounds_without_draft = 0
+        self.probes = 0  # probe rounds so far: which lane of a batch probes next
 
     @property
     def acceptance(self) -> float:
@@ -131,13 +138,15 @@ class DraftLength:
         return rows * expected_tokens_per_round(self.acceptance, k) / seconds
 
     def best_k(self, rows: int = 1) -> int:
-        """The k the model expects to decode fastest (0: target only, with a periodic probe)."""
+        """The k the model expects to decode fastest (0: target only)."""
         if not self.draft_seconds or not self.pass_seconds:
             return self.k  # nothing measured yet
-        best = max(range(self.max_k + 1), key=lambda k: self.tokens_per_second(k, rows))
-        if best == 0 and self.rounds_without_draft >= self.probe_every:
-            return 1  # re-measure the draft now and then
-        return best
+        return max(range(self.max_k + 1), key=lambda k: self.tokens_per_second(k, rows))
+
+    @property
+    def probe_due(self) -> bool:
+        """The draft has been off for ``probe_every`` rounds: one lane should propose once to re-measure it."""
+        return self.adaptive and self.k == 0 and self.rounds_without_draft >= self.probe_every
 
     def finish_round(self, drafted: bool, rows: int) -> None:
         """Count a round (``drafted``: proposals were made) and re-pick k for a batch of ``rows`` lanes."""
@@ -150,6 +159,7 @@ class DraftLength:
         copy = DraftLength(self.k, self.adaptive, self.max_k, self.decay, self.smoothing, self.probe_every)
         copy.accepted, copy.rejected = self.accepted, self.rejected
         copy.draft_seconds, copy.pass_seconds = dict(self.draft_seconds), dict(self.pass_seconds)
+        copy.rounds_without_draft, copy.probes = self.rounds_without_draft, self.probes
         return copy
 
 
@@ -205,6 +215,15 @@ class Lane:
         return self.target.length >= len(self.tokens) - 1
 
     @property
+    def draft_lag(self) -> int:
+        """Tokens the draft must feed before it can propose (the last token is fed with each round)."""
+        return len(self.tokens) - self.draft.length if self.draft is not None else 0
+
+    def behind(self, drafting: bool) -> bool:
+        """Needs prefilling: the target's cache is not caught up, or (``drafting``) the draft is far behind."""
+        return not self.prefilled or (drafting and self.draft_lag > CATCH_UP_TOKENS)
+
+    @property
     def room(self) -> int:
         """Tokens the lane may still add before the target's context is full."""
         return self.target.model.context_length - len(self.tokens)
@@ -216,17 +235,19 @@ class Lane:
             self.draft.close()
 
 
-def prefill(lanes: list[Lane], budget: int) -> int:
+def prefill(lanes: list[Lane], budget: int, drafting: bool = True) -> int:
     """Feed the prompts of lanes not yet prefilled, at most ``budget`` tokens in all; the tokens fed.
 
     Each model runs one batched pass per call, so a long prompt is taken in chunks over several
     calls while the other lanes keep decoding in between (a long prompt does not stall the batch).
+    ``drafting=False`` (the draft is off: k is 0) feeds only the target; the draft catches up when
+    it is used again.
     """
     feeds: dict[int, list[Feed]] = {}  # id(model) -> rows
     models: dict[int, RuntimeModel] = {}
     used = 0
     for lane in lanes:
-        for sequence in (lane.target, lane.draft):
+        for sequence in (lane.target, lane.draft if drafting else None):
             if sequence is None or budget - used <= 0:
                 continue
             missing = len(lane.tokens) - 1 - sequence.length
@@ -285,6 +306,9 @@ def speculative_round(
     given) learns the acceptance and the pass costs and re-picks k for the next round.
     """
     ks = [max(0, min(k, lane.room - 1)) if lane.draft is not None and draft is not None else 0 for lane in lanes]
+    ks = [k_i if lane.draft_lag <= CATCH_UP_TOKENS else 0 for lane, k_i in zip(lanes, ks, strict=True)]
+    if length is not None and length.probe_due and draft is not None:
+        probe(lanes, ks, length)
     drafting = [(lane, k_i) for lane, k_i in zip(lanes, ks, strict=True) if k_i]
     if drafting:
         propose(draft, [lane for lane, _ in drafting], [k_i for _, k_i in drafting], length)
@@ -300,6 +324,18 @@ def speculative_round(
     if length is not None:
         length.finish_round(bool(drafting), sum(1 for lane in lanes if lane.draft is not None))
     return new_tokens
+
+
+def probe(lanes: list[Lane], ks: list[int], length: DraftLength) -> None:
+    """Let one lane (in turn) propose one token, if one can catch its draft up cheaply."""
+    candidates = [
+        index
+        for index, lane in enumerate(lanes)
+        if lane.draft is not None and lane.room > 1 and lane.draft_lag <= CATCH_UP_TOKENS
+    ]
+    if candidates:
+        ks[candidates[length.probes % len(candidates)]] = 1
+        length.probes += 1
 
 
 def accept(lane: Lane, target_logits: torch.Tensor, length: DraftLength | None) -> list[int]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from slimline.models import load_causal_lm
-from slimline.runtime import RuntimeModel
+from slimline.runtime import Feed, RuntimeModel
 from slimline.serve.sampling import SamplingParams
 from slimline.serve.speculative import DraftLength, generate_tokens, open_lane, prefill, speculative_round
 from tests.conftest import build_tiny_model
@@ -110,3 +110,30 @@ def test_batched_greedy_equals_each_prompt_alone(pair, batch: int) -> None:
     expected = [greedy_alone(target, p) for p in prompts]
     assert decode_together(target, None, prompts, 0) == expected
     assert decode_together(target, draft, prompts, 3) == expected
+
+
+def test_onnx_keeps_the_batch_caches_between_passes_over_the_same_rows(pair) -> None:
+    """Decoding steps over the same rows reuse the last pass's caches; rejected tokens become hidden holes."""
+    target, _ = pair
+    if target.backend != "onnxruntime":
+        pytest.skip("the kept batch is ONNX Runtime's (llama.cpp keeps its own cache)")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    expected = [greedy_alone(target, p)[:6] for p in prompts]
+    sequences = [target.new_sequence() for _ in prompts]
+    logits = target.forward([Feed(s, p, all_logits=False) for s, p in zip(sequences, prompts, strict=True)])
+    tokens = [[int(row[-1].argmax())] for row in logits]
+    kept = target.kept
+    for _ in range(5):
+        # feed the next token and a wrong guess after it, then drop the guess (a rejected proposal)
+        logits = target.forward([Feed(s, [t[-1], 1]) for s, t in zip(sequences, tokens, strict=True)])
+        assert target.kept is not kept and target.kept.holds(sequences)  # the presents of this pass, same rows
+        kept = target.kept
+        for sequence, row, generated in zip(sequences, logits, tokens, strict=True):
+            sequence.truncate(sequence.length - 1)
+            generated.append(int(row[0].argmax()))
+    assert tokens == expected
+    assert all(s.kept is target.kept for s in sequences) and target.kept.spare_columns >= 5  # the holes
+    target.dissolve_kept()
+    assert [s.past[0].shape[2] for s in sequences] == [s.length for s in sequences]
+    for sequence in sequences:
+        sequence.close()

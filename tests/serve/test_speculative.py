@@ -11,6 +11,7 @@ import torch
 
 from slimline.runtime import Feed, RuntimeModel, Sequence
 from slimline.runtime.torch_model import TorchModel
+from slimline.serve import speculative
 from slimline.serve.sampling import SamplingParams, distribution
 from slimline.serve.speculative import (
     DecodeStats,
@@ -247,6 +248,47 @@ def test_lane_caches_hold_only_accepted_tokens(tiny_pair) -> None:
         assert lane.draft.length <= len(lane.tokens) - 1
 
 
+def test_a_probe_round_lets_one_lane_propose_in_turn(tiny_pair) -> None:
+    """With the draft switched off, a probe re-measures it on one lane, a different one each time."""
+    target, draft = tiny_pair
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    lanes = [open_lane(target, draft, p, SamplingParams(), torch.Generator()) for p in prompts]
+    prefill(lanes, 64)
+    length = DraftLength(0, adaptive=True)
+    probed = []
+    for _ in range(2):
+        length.k, length.rounds_without_draft = 0, length.probe_every  # as after rounds where no k paid off
+        assert length.probe_due
+        speculative_round(target, draft, lanes, 0, length)
+        assert sorted(len(lane.drafts) for lane in lanes) == [0, 0, 1]
+        probed.append(next(i for i, lane in enumerate(lanes) if lane.drafts))
+        assert length.rounds_without_draft == 0
+    assert probed[0] != probed[1]
+    for lane, prompt in zip(lanes, prompts, strict=True):  # an accepted probe gives its lane one token more
+        generated = lane.tokens[len(prompt) :]
+        assert generated == first_tokens(target, None, prompt, SamplingParams(), 0, len(generated))
+
+
+def test_an_idle_draft_catches_up_when_it_proposes_again(tiny_pair, monkeypatch) -> None:
+    """With k 0 the draft is not prefilled; proposing again, it feeds what it missed (or prefill catches it up)."""
+    target, draft = tiny_pair
+    monkeypatch.setattr(speculative, "CATCH_UP_TOKENS", 8)
+    prompts = [[5, 6, 7], list(range(20, 40))]
+    lanes = [open_lane(target, draft, p, SamplingParams(), torch.Generator()) for p in prompts]
+    prefill(lanes, 64, drafting=False)
+    assert [lane.draft.length for lane in lanes] == [0, 0] and all(lane.prefilled for lane in lanes)
+    assert [lane.behind(drafting=True) for lane in lanes] == [False, True]  # 20 tokens behind > 8
+    speculative_round(target, draft, lanes, 2, DraftLength(2, adaptive=False))
+    assert len(lanes[0].drafts) == 2 and lanes[1].drafts == []  # the short lag caught up in the draft pass
+    prefill([lanes[1]], 64)
+    assert not lanes[1].behind(drafting=True)
+    for _ in range(3):
+        speculative_round(target, draft, lanes, 2, DraftLength(2, adaptive=False))
+    for lane, prompt in zip(lanes, prompts, strict=True):
+        generated = lane.tokens[len(prompt) :]
+        assert generated == first_tokens(target, None, prompt, SamplingParams(), 0, len(generated))
+
+
 def test_warping_applies_top_k_and_top_p() -> None:
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
     assert torch.count_nonzero(distribution(logits, SamplingParams(temperature=1.0, top_k=2))) == 2
@@ -261,14 +303,15 @@ def run_rounds(length: DraftLength, rounds: int, acceptance: float, draft_step: 
     """Feed a controller rounds with a fixed per-proposal acceptance; passes cost 1 s + 0.05 s per token."""
     chosen = []
     for _ in range(rounds):
-        k = length.k
+        k, drafting = (1, 1) if length.probe_due else (length.k, rows)  # a probe: one lane proposes one token
         chosen.append(k)
         accepted = min(k, round(acceptance * k)) if acceptance < 1 else k
         if k:
-            length.observe_draft(rows, draft_step)
-            for _ in range(rows):
+            length.observe_draft(drafting, draft_step)
+            for _ in range(drafting):
                 length.observe_acceptance(k, accepted)
-        length.observe_pass(rows * (k + 1), 1.0 + 0.05 * rows * (k + 1))
+        tokens = rows + drafting * k
+        length.observe_pass(tokens, 1.0 + 0.05 * tokens)
         length.finish_round(bool(k), rows)
     return chosen
 
