@@ -57,8 +57,9 @@ def open_model(folder: Path, max_sequences: int = 1, shares_cores: bool = False,
     runtimes have no such bound). ``shares_cores``: another model takes turns on the same cores
     (a speculative pair), so ONNX Runtime's idle threads must not spin. ``serving``: run as the
     server would, llama.cpp as llama-server runs it: fused (flash) attention and a cache split
-    per sequence (a request's greedy output batched is its output alone); evaluation keeps one
-    unified cache without fused attention, so scores match llama.cpp's reference scoring.
+    per sequence, and no one-token pass (a request's greedy output batched is its output alone,
+    see ``llama_cpp_model``); evaluation keeps one unified cache without fused attention, so
+    scores match llama.cpp's reference scoring.
     """
     if not folder.is_dir():
         raise ArtifactError(
@@ -83,7 +84,13 @@ def open_model(folder: Path, max_sequences: int = 1, shares_cores: bool = False,
     if fmt == "gguf":
         from slimline.runtime.llama_cpp_model import LlamaCppModel  # an optional extra
 
-        return LlamaCppModel(folder, max_sequences=max_sequences, flash_attention=serving, unified_cache=not serving)
+        return LlamaCppModel(
+            folder,
+            max_sequences=max_sequences,
+            flash_attention=serving,
+            unified_cache=not serving,
+            steady_shapes=serving,
+        )
     from slimline.runtime.tensorrt_model import TensorRTModel  # needs TensorRT and CUDA
 
     return TensorRTModel(folder)

@@ -20,6 +20,17 @@ but its cells always sit in order from position 0, so its attention sums in the 
 whatever the other sequences hold, and a request's greedy output is the same batched as alone.
 In a unified cache a sequence's cells land wherever there is room, and a near tie can flip.
 
+A one-token pass rounds differently from every other: llama.cpp's matrix-vector path for one
+token sums in another order than its matrix-matrix path, which gives a decoding row bit-identical
+logits whatever else is in a pass of two or more tokens (measured on SmolLM2: max |diff| 0.029
+between a row decoded alone and the same row in any larger pass, 0 among larger passes; a prompt
+prefilled among other prompts may still differ in the last bits, 3e-8 on a tiny model). So with
+``steady_shapes`` (the server's setting) a one-token pass carries a second, throwaway token after
+it, on the same sequence, whose cell is dropped at once; no ``llama_decode`` chunk is one token;
+and a chunk that returns one row of logits returns a second, thrown away (the output layer runs
+only on the rows returned).
+Then a greedy request gives the same tokens alone, batched, and verified in speculative rounds.
+
 Flash attention stays off and weights stay on the CPU, as llama-cpp-python's ``Llama`` (the old
 scoring path) had them, so a window's logits are those the evaluator always measured. A model is
 not thread-safe: one thread runs its passes.
@@ -137,6 +148,14 @@ def flatten_feeds(feeds: list[Feed], seq_ids: np.ndarray, seq_table: np.ndarray)
     return FlatBatch(tokens, positions, seq_pointers, outputs, row_outputs)
 
 
+def chunks(total: int, size: int, steady: bool = False) -> list[tuple[int, int]]:
+    """(start, count) of each ``llama_decode`` call; ``steady``: no call of one token (unless there is one)."""
+    bounds = [(start, min(size, total - start)) for start in range(0, total, size)]
+    if steady and len(bounds) > 1 and bounds[-1][1] == 1:
+        bounds[-2:] = [(bounds[-2][0], size - 1), (total - 2, 2)]
+    return bounds
+
+
 class BatchBuffers:
     """A ``llama_batch`` over arrays of ``n_batch`` entries held for the model's life (so nothing to free)."""
 
@@ -204,6 +223,7 @@ class LlamaCppModel(RuntimeModel):
         cache_tokens: int | None = None,
         flash_attention: bool = False,
         unified_cache: bool = True,
+        steady_shapes: bool = False,
     ) -> None:
         """Load ``folder/model.gguf``; ``cache_tokens`` cells for all sequences (default: see the module).
 
@@ -227,6 +247,7 @@ class LlamaCppModel(RuntimeModel):
         self.max_batch = max_sequences
         self.flash_attention = flash_attention
         self.unified_cache = unified_cache
+        self.steady_shapes = steady_shapes
         self.model = self.load_model(folder / MODEL_FILE)
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
         cells = cache_tokens if cache_tokens is not None else default_cache_tokens(n_ctx_train, max_sequences)
@@ -321,7 +342,10 @@ class LlamaCppModel(RuntimeModel):
         if not feeds:
             return []
         seq_ids = np.fromiter((self.seq_id_of(feed) for feed in feeds), dtype=np.int64, count=len(feeds))
-        flat = flatten_feeds(feeds, seq_ids, self.seq_table)
+        widened = self.widened(feeds)
+        flat = flatten_feeds(widened or feeds, seq_ids, self.seq_table)
+        if widened:  # logits of the real token only
+            flat.outputs[1], flat.row_outputs = 0, [1]
         try:
             logits = self.decode(flat)
         except BaseException:
@@ -330,7 +354,18 @@ class LlamaCppModel(RuntimeModel):
             raise
         for feed in feeds:
             feed.sequence.length += len(feed.tokens)
+        if widened:
+            self.remove_cells(feeds[0].sequence.seq_id, feeds[0].sequence.length)  # the throwaway token
         return list(torch.split(logits, flat.row_outputs))
+
+    def widened(self, feeds: list[Feed]) -> list[Feed] | None:
+        """With ``steady_shapes``, a one-token pass as two tokens (the second thrown away); else None."""
+        if not self.steady_shapes or len(feeds) != 1 or len(feeds[0].tokens) != 1:
+            return None
+        feed = feeds[0]
+        if feed.sequence.length + 2 > self.context_length:
+            return None  # no room for the throwaway token: the last position of a full context
+        return [Feed(feed.sequence, feed.tokens * 2, all_logits=True)]
 
     def seq_id_of(self, feed: Feed) -> int:
         """The row's llama.cpp sequence id, after checking the sequence is an open one of this model."""
@@ -344,17 +379,34 @@ class LlamaCppModel(RuntimeModel):
         total = len(flat.tokens)
         logits = torch.empty(int(flat.outputs.sum(dtype=np.int64)), self.n_vocab, dtype=torch.float32)
         rows, done = logits.numpy(), 0
-        for start in range(0, total, self.n_batch):
-            count = min(self.n_batch, total - start)
-            code = self.api.llama_decode(self.ctx, self.buffers.load(flat, start, count))
+        for start, count in chunks(total, self.n_batch, self.steady_shapes):
+            batch = self.buffers.load(flat, start, count)
+            wanted = flat.outputs[start : start + count]
+            outputs = int(wanted.sum(dtype=np.int64))
+            spare = self.spare_output(wanted)
+            if spare is not None:
+                self.buffers.outputs[spare] = 1
+            code = self.api.llama_decode(self.ctx, batch)
             if code != 0:
                 raise self.decode_error(code, total)
-            outputs = int(flat.outputs[start : start + count].sum(dtype=np.int64))
             if outputs:
-                pointer = self.api.llama_get_logits(self.ctx)
-                rows[done : done + outputs] = np.ctypeslib.as_array(pointer, shape=(outputs, self.n_vocab))
+                returned = outputs + (spare is not None)
+                block = np.ctypeslib.as_array(self.api.llama_get_logits(self.ctx), shape=(returned, self.n_vocab))
+                if spare is not None:  # rows come in token order: keep the one asked for
+                    block = block[1:] if spare < int(np.flatnonzero(wanted)[0]) else block[:1]
+                rows[done : done + outputs] = block
                 done += outputs
         return logits
+
+    def spare_output(self, wanted: np.ndarray) -> int | None:
+        """With ``steady_shapes``, a second token of a chunk to return logits for when only one is asked for.
+
+        llama.cpp's output layer runs on the returned rows only, and one row takes the
+        matrix-vector path (see the module), so a lone row's logits would round differently.
+        """
+        if not self.steady_shapes or len(wanted) < 2 or int(wanted.sum(dtype=np.int64)) != 1:
+            return None
+        return 0 if wanted[0] == 0 else 1
 
     def decode_error(self, code: int, needed: int) -> Exception:
         """The error for a failed ``llama_decode``: a full cache says how to make it larger."""
