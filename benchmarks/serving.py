@@ -54,6 +54,7 @@ from slimline.models import load_tokenizer
 from slimline.reports.tables import checks_table, keyed, markdown_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
+FAST_GGUF = "not batch-invariant"  # slimline serve --no-batch-invariant on the GGUF pair
 PROMPT_TOKENS = 64
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -74,6 +75,7 @@ class Config(NamedTuple):
     target: Path
     draft: Path | None
     batched: bool = True  # slimline: --max-batch = clients (False: 1, the interleaved engine)
+    options: tuple[str, ...] = ()  # slimline: more command-line options
 
     def command(self, clients: int, port: int, binary: Path | None, slot_tokens: int) -> list[str]:
         """The server's command line for ``clients`` concurrent clients."""
@@ -86,7 +88,8 @@ class Config(NamedTuple):
         command = [sys.executable, "-m", "slimline.cli", "serve", str(self.target), "--port", str(port)]
         if self.draft is not None:
             command += ["--draft", str(self.draft)]
-        return [*command, "--max-active", str(clients), "--max-batch", str(clients if self.batched else 1)]
+        command += ["--max-active", str(clients), "--max-batch", str(clients if self.batched else 1)]
+        return [*command, *self.options]
 
 
 def threads() -> int:
@@ -140,6 +143,10 @@ def configurations(args: argparse.Namespace, binary: Path | None) -> tuple[list[
         group = f"slimline {backend}"
         configs.append(Config(f"{group} interleaved", group, "slimline", target, draft, batched=False))
         configs.append(Config(f"{group} batched", group, "slimline", target, draft, batched=True))
+        if backend == "gguf":  # the price of batch invariance: llama.cpp as fast as it goes, outputs may differ
+            fast, options = f"{group} {FAST_GGUF}", ("--no-batch-invariant",)
+            configs.append(Config(f"{fast} interleaved", fast, "slimline", target, draft, False, options))
+            configs.append(Config(f"{fast} batched", fast, "slimline", target, draft, True, options))
     return configs, skipped
 
 
@@ -389,7 +396,7 @@ def checks(rows: list[dict], groups: list[str]) -> dict:
     result = {
         f"{group.replace(' ', '_')}_batched_4x_interleaved_at_{clients}_clients": batching_check(rows, group, clients)
         for group in groups
-        if group.startswith("slimline")
+        if group.startswith("slimline") and not group.endswith(FAST_GGUF)  # the fast group is for comparison
     }
     return {**result, **llama_cpp_checks(rows, clients)}
 

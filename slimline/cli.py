@@ -378,6 +378,14 @@ def serve(
         int | None,
         typer.Option(min=1, help="Requests run together in one batched pass; default --max-active (1: interleaved)."),
     ] = None,
+    batch_invariant: Annotated[
+        bool,
+        typer.Option(
+            "--batch-invariant/--no-batch-invariant",
+            help="llama.cpp targets: a request's greedy tokens never depend on what else runs with it, at a "
+            "cost to one-request decoding (docs/serving.md).",
+        ),
+    ] = True,
     limit: Annotated[
         list[str] | None,
         typer.Option(
@@ -393,7 +401,20 @@ def serve(
     setup_logging(quiet=False, ci=False)
     try:
         limits = parse_limits(limit)
-        run_server(target, draft, host, port, api_key, model_name, k, adaptive, max_active, max_batch, limits=limits)
+        run_server(
+            target,
+            draft,
+            host,
+            port,
+            api_key,
+            model_name,
+            k,
+            adaptive,
+            max_active,
+            max_batch,
+            limits=limits,
+            batch_invariant=batch_invariant,
+        )
     except SlimlineError as error:
         fail(error)
 

@@ -50,16 +50,23 @@ def artifact_format(folder: Path) -> str:
     return "hf"
 
 
-def open_model(folder: Path, max_sequences: int = 1, shares_cores: bool = False, serving: bool = False) -> RuntimeModel:
+def open_model(
+    folder: Path,
+    max_sequences: int = 1,
+    shares_cores: bool = False,
+    serving: bool = False,
+    batch_invariant: bool = True,
+) -> RuntimeModel:
     """Load an artifact folder into the runtime of its format.
 
     ``max_sequences``: sequences open at once (llama.cpp sizes one context for them; the dense
     runtimes have no such bound). ``shares_cores``: another model takes turns on the same cores
     (a speculative pair), so ONNX Runtime's idle threads must not spin. ``serving``: run as the
     server would, llama.cpp as llama-server runs it: fused (flash) attention and a cache split
-    per sequence, and no one-token pass (a request's greedy output batched is its output alone,
-    see ``llama_cpp_model``); evaluation keeps one unified cache without fused attention, so
-    scores match llama.cpp's reference scoring.
+    per sequence (a request's attention never sums over another's cells), and with
+    ``batch_invariant`` no one-token pass, so a request's greedy output is the same alone, batched
+    and verified speculatively (see ``llama_cpp_model``). Evaluation keeps one unified cache
+    without fused attention, so scores match llama.cpp's reference scoring.
     """
     if not folder.is_dir():
         raise ArtifactError(
@@ -89,7 +96,7 @@ def open_model(folder: Path, max_sequences: int = 1, shares_cores: bool = False,
             max_sequences=max_sequences,
             flash_attention=serving,
             unified_cache=not serving,
-            steady_shapes=serving,
+            steady_shapes=serving and batch_invariant,
         )
     from slimline.runtime.tensorrt_model import TensorRTModel  # needs TensorRT and CUDA
 

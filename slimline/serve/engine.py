@@ -2,12 +2,14 @@
 
 One worker thread owns the models and schedules at every step (iteration-level scheduling, as
 Orca and vLLM do): waiting requests are admitted into free slots (at most ``max_active``; a
-finished or cancelled request frees its slot at once); prompts of admitted requests are
-prefilled, at most ``max_step_tokens`` prompt tokens per step, so a long prompt is taken in
-chunks while the others keep decoding; then up to ``max_batch`` prefilled requests run one
-speculative round together: batched draft passes, one batched target verification, and each
-request accepts its own prefix (``serve/speculative.py``). When more requests are active than
-``max_batch``, they take turns by rotation; ``max_batch = 1`` is the old interleaved engine.
+finished or cancelled request frees its slot at once); then up to ``max_batch`` prefilled
+requests run one speculative round together: batched draft passes, one batched target
+verification, and each request accepts its own prefix (``serve/speculative.py``). Prompts of
+admitted requests ride in that verification pass, at most ``max_step_tokens`` prompt tokens per
+step, so a long prompt is taken in chunks while the others keep decoding, and a prompt costs no
+pass of its own (chunked prefill, as Sarathi-Serve); only with nothing decoding do prompts run
+alone. When more requests are active than ``max_batch``, they take turns by rotation;
+``max_batch = 1`` is the old interleaved engine.
 Every request has its own sequences, caches and random generator; nothing of one request is
 visible to another.
 
@@ -35,7 +37,7 @@ from slimline.serve.speculative import (
     DraftLength,
     Lane,
     open_lane,
-    prefill,
+    prefill_rows,
     seeded_generator,
     speculative_round,
 )
@@ -245,17 +247,19 @@ class Engine:
             self._step()
 
     def _step(self) -> None:
-        """One scheduling step: drop cancelled requests, prefill a chunk, one round for a batch."""
+        """One scheduling step: drop cancelled requests, one round for a batch with a chunk of prompts riding in it."""
         for job in [job for job in self.active if job.handle.cancelled.is_set()]:
             self._finish(job, "", "cancelled")
         drafting = self.draft is not None and self.draft_length.k > 0  # k 0: the draft idles, uncached
         prefilling = [job for job in self.active if job.lane.behind(drafting)][: self.max_batch]
-        if prefilling:
-            lanes = [job.lane for job in prefilling]
-            self._run_safely(prefilling, lambda: prefill(lanes, self.max_step_tokens, drafting))
         ready = [job for job in self.active if job.lane.prefilled]
         batch = ready[: self.max_batch]
-        if not batch:
+        prompt_rows, draft_rows, _ = prefill_rows([job.lane for job in prefilling], self.max_step_tokens, drafting)
+        if draft_rows and self._run_safely(prefilling, lambda: self.draft.forward(draft_rows)) is None:
+            return  # those requests ended; the next step schedules afresh
+        if not batch:  # nothing decoding: the prompts run alone
+            if prompt_rows:
+                self._run_safely(prefilling, lambda: self.target.forward(prompt_rows))
             return
         if len(ready) > self.max_batch:  # rotate: the next step starts with those left out of this one
             with self.lock:
@@ -264,8 +268,12 @@ class Engine:
                     self.active.append(job)
         self.batch_sizes = [*self.batch_sizes, len(batch)][-64:]
         lanes = [job.lane for job in batch]
+        riding = [job for job in prefilling if job not in batch] if prompt_rows else []
         new_tokens = self._run_safely(
-            batch, lambda: speculative_round(self.target, self.draft, lanes, self.draft_length.k, self.draft_length)
+            batch + riding,
+            lambda: speculative_round(
+                self.target, self.draft, lanes, self.draft_length.k, self.draft_length, prompt_rows
+            ),
         )
         for job, tokens in zip(batch, new_tokens or [], strict=True):
             self._advance_safely(job, tokens)

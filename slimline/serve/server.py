@@ -14,8 +14,13 @@ from slimline.serve.limits import ServerLimits
 log = logging.getLogger(__name__)
 
 
-def build_engine(pair: ServeBundle, max_active: int, max_batch: int | None = None):
-    """Load the models and the target's tokenizer into an engine (the draft must share the vocabulary)."""
+def build_engine(pair: ServeBundle, max_active: int, max_batch: int | None = None, batch_invariant: bool = True):
+    """Load the models and the target's tokenizer into an engine (the draft must share the vocabulary).
+
+    ``batch_invariant``: the target runs so that a request's logits do not depend on the other rows
+    of its passes (llama.cpp: no one-token pass, see ``runtime/llama_cpp_model.py``). The draft
+    never needs it: its proposals are checked by the target.
+    """
     from slimline.models import load_tokenizer
     from slimline.runtime import model_folder, open_model
     from slimline.serve.engine import Engine
@@ -25,9 +30,13 @@ def build_engine(pair: ServeBundle, max_active: int, max_batch: int | None = Non
         draft_tokenizer = load_tokenizer(model_folder(pair.draft))
         check_same_vocabulary(tokenizer, draft_tokenizer, pair.target, pair.draft)
     shares_cores = pair.draft is not None
-    target_model = open_model(pair.target, max_sequences=max_active, shares_cores=shares_cores, serving=True)
+    target_model = open_model(
+        pair.target, max_sequences=max_active, shares_cores=shares_cores, serving=True, batch_invariant=batch_invariant
+    )
     draft_model = (
-        open_model(pair.draft, max_sequences=max_active, shares_cores=True, serving=True) if pair.draft else None
+        open_model(pair.draft, max_sequences=max_active, shares_cores=True, serving=True, batch_invariant=False)
+        if pair.draft
+        else None
     )
     return Engine(
         target_model,
@@ -64,6 +73,7 @@ def serve(
     max_batch: int | None = None,
     shutdown_grace_seconds: float = 10.0,
     limits: ServerLimits | None = None,
+    batch_invariant: bool = True,
 ) -> None:
     """Serve until interrupted; SIGINT/SIGTERM finish in-flight requests for up to the grace period.
 
@@ -86,7 +96,7 @@ def serve(
         if folder is not None:
             check_serving_folder(folder, role)
     with load_errors(pair.target, "target or draft"):
-        engine = build_engine(pair, max_active, max_batch)
+        engine = build_engine(pair, max_active, max_batch, batch_invariant)
     app = create_app(engine, name, api_key, shutdown_grace_seconds, limits)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use it", host)

@@ -243,11 +243,19 @@ def prefill(lanes: list[Lane], budget: int, drafting: bool = True) -> int:
     ``drafting=False`` (the draft is off: k is 0) feeds only the target; the draft catches up when
     it is used again.
     """
-    feeds: dict[int, list[Feed]] = {}  # id(model) -> rows
-    models: dict[int, RuntimeModel] = {}
+    target_rows, draft_rows, used = prefill_rows(lanes, budget, drafting)
+    for rows in (target_rows, draft_rows):
+        if rows:
+            rows[0].sequence.model.forward(rows)
+    return used
+
+
+def prefill_rows(lanes: list[Lane], budget: int, drafting: bool = True) -> tuple[list[Feed], list[Feed], int]:
+    """``prefill``'s rows for the target and for the draft, and the target tokens they feed."""
+    rows: tuple[list[Feed], list[Feed]] = ([], [])
     used = 0
     for lane in lanes:
-        for sequence in (lane.target, lane.draft if drafting else None):
+        for sequence, into in ((lane.target, rows[0]), (lane.draft if drafting else None, rows[1])):
             if sequence is None or budget - used <= 0:
                 continue
             missing = len(lane.tokens) - 1 - sequence.length
@@ -255,11 +263,8 @@ def prefill(lanes: list[Lane], budget: int, drafting: bool = True) -> int:
                 continue
             chunk = lane.tokens[sequence.length : sequence.length + min(missing, budget - used)]
             used += len(chunk) if sequence is lane.target else 0  # the budget bounds the target's work
-            feeds.setdefault(id(sequence.model), []).append(Feed(sequence, chunk, all_logits=False))
-            models[id(sequence.model)] = sequence.model
-    for key, rows in feeds.items():
-        models[key].forward(rows)
-    return used
+            into.append(Feed(sequence, chunk, all_logits=False))
+    return rows[0], rows[1], used
 
 
 def draft_pass_rows(lanes: list[Lane], index: int, ks: list[int]) -> list[tuple[Lane, list[int]]]:
@@ -299,11 +304,14 @@ def speculative_round(
     lanes: list[Lane],
     k: int,
     length: DraftLength | None = None,
+    prompt_rows: list[Feed] | None = None,
 ) -> list[list[int]]:
     """One round for every lane (prefilled): proposals, one batched verification; each lane's new tokens.
 
     Lanes without a draft sequence, and ``k`` 0, make a plain target step. ``length`` (when
     given) learns the acceptance and the pass costs and re-picks k for the next round.
+    ``prompt_rows`` (target rows of ``prefill_rows``, for other lanes) ride in the verification
+    pass: prompts are prefilled without a pass of their own.
     """
     ks = [max(0, min(k, lane.room - 1)) if lane.draft is not None and draft is not None else 0 for lane in lanes]
     ks = [k_i if lane.draft_lag <= CATCH_UP_TOKENS else 0 for lane, k_i in zip(lanes, ks, strict=True)]
@@ -317,8 +325,9 @@ def speculative_round(
             lane.drafts, lane.draft_probabilities = [], []
     feeds = [Feed(lane.target, lane.tokens[lane.target.length :] + lane.drafts) for lane in lanes]
     started = time.perf_counter()
-    logits = target.forward(feeds)
-    if length is not None and all(len(f.tokens) == k_i + 1 for f, k_i in zip(feeds, ks, strict=True)):
+    logits = target.forward(feeds + (prompt_rows or []))[: len(lanes)]
+    steady = not prompt_rows and all(len(f.tokens) == k_i + 1 for f, k_i in zip(feeds, ks, strict=True))
+    if length is not None and steady:
         length.observe_pass(sum(len(f.tokens) for f in feeds), time.perf_counter() - started)
     new_tokens = [accept(lane, row[-(len(lane.drafts) + 1) :], length) for lane, row in zip(lanes, logits, strict=True)]
     if length is not None:

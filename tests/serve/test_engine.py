@@ -104,3 +104,26 @@ def test_more_requests_than_slots_wait_and_rotate(pair) -> None:
         engine.shutdown()
     assert results == expected
     assert max(engine.batch_sizes) == 2
+
+
+def test_a_long_prompt_rides_in_chunks_while_others_decode(pair) -> None:
+    """Prompt chunks ride in the decoding passes: a short request keeps decoding while a long prompt fills."""
+    target, draft, tokenizer = pair
+    short, long = prompts(1)[0], torch.randint(1, 500, (120,), generator=torch.Generator().manual_seed(5)).tolist()
+    expected = [alone(pair, short, 40), alone(pair, long, 8)]
+    passes: list[list[int]] = []  # tokens per row of every target pass
+    forward = target.forward
+    target.forward = lambda feeds: (passes.append([len(f.tokens) for f in feeds]), forward(feeds))[1]
+    # k fixed at 2: the short request needs 14 rounds or more, the long prompt 15 chunks of 8
+    engine = Engine(target, tokenizer, draft, k=2, adaptive=False, max_active=2, max_step_tokens=8)
+    try:
+        short_events, _ = collect(engine, short, 40)
+        short_events.put(short_events.get(timeout=120))  # the short request is decoding before the long one comes
+        long_events, _ = collect(engine, long, 8)
+        outputs = [token_ids(short_events)[0], token_ids(long_events)[0]]
+    finally:
+        engine.shutdown()
+        del target.forward  # the model's own method again
+    assert outputs == expected
+    riding = [rows for rows in passes if len(rows) == 2 and 8 in rows and min(rows) <= 3]
+    assert len(riding) >= 5  # chunks of 8 prompt tokens shared passes with the short request's verification
