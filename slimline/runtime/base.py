@@ -53,6 +53,9 @@ class RuntimeModel(ABC):
     backend: str  # 'pytorch', 'onnxruntime', 'llama.cpp', 'tensorrt'
     context_length: int
     max_batch: int | None = None  # rows one pass can take (None: no limit of the runtime's own)
+    # Rows are padded to the longest feed (dense caches): a 64-token prompt row makes every row of
+    # its pass 64 tokens long, so prompts should not share a pass with decoding rows.
+    pads_rows: bool = True
 
     @abstractmethod
     def new_sequence(self) -> Sequence:

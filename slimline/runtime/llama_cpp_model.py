@@ -215,6 +215,7 @@ class LlamaCppModel(RuntimeModel):
     """A GGUF model in one llama.cpp context whose unified KV cache holds up to ``max_sequences`` sequences."""
 
     backend = "llama.cpp"
+    pads_rows = False  # one flat llama_batch: a row costs its own tokens only
 
     def __init__(
         self,

@@ -5,11 +5,12 @@ Orca and vLLM do): waiting requests are admitted into free slots (at most ``max_
 finished or cancelled request frees its slot at once); then up to ``max_batch`` prefilled
 requests run one speculative round together: batched draft passes, one batched target
 verification, and each request accepts its own prefix (``serve/speculative.py``). Prompts of
-admitted requests ride in that verification pass, at most ``max_step_tokens`` prompt tokens per
-step, so a long prompt is taken in chunks while the others keep decoding, and a prompt costs no
-pass of its own (chunked prefill, as Sarathi-Serve); only with nothing decoding do prompts run
-alone. When more requests are active than ``max_batch``, they take turns by rotation;
-``max_batch = 1`` is the old interleaved engine.
+admitted requests are taken at most ``max_step_tokens`` prompt tokens per step, so a long prompt
+is taken in chunks while the others keep decoding; on a runtime without padding (llama.cpp) they
+ride in that verification pass and cost no pass of its own (chunked prefill, as Sarathi-Serve);
+a padded runtime (PyTorch, ONNX Runtime) gives them a pass before the round, since every row of
+a padded pass is as long as its longest. When more requests are active than ``max_batch``, they
+take turns by rotation; ``max_batch = 1`` is the old interleaved engine.
 Every request has its own sequences, caches and random generator; nothing of one request is
 visible to another.
 
@@ -257,9 +258,13 @@ class Engine:
         prompt_rows, draft_rows, _ = prefill_rows([job.lane for job in prefilling], self.max_step_tokens, drafting)
         if draft_rows and self._run_safely(prefilling, lambda: self.draft.forward(draft_rows)) is None:
             return  # those requests ended; the next step schedules afresh
-        if not batch:  # nothing decoding: the prompts run alone
-            if prompt_rows:
-                self._run_safely(prefilling, lambda: self.target.forward(prompt_rows))
+        if prompt_rows and (not batch or self.target.pads_rows):  # nothing to ride with, or padding would cost
+            if self._run_safely(prefilling, lambda: self.target.forward(prompt_rows)) is None:
+                return
+            prompt_rows = []
+            ready = [job for job in self.active if job.lane.prefilled]  # the prompts just filled join the round
+            batch = ready[: self.max_batch]
+        if not batch:
             return
         if len(ready) > self.max_batch:  # rotate: the next step starts with those left out of this one
             with self.lock:

@@ -101,7 +101,9 @@ def measure_pair(target_path: Path, draft_path: Path, stream: torch.Tensor, para
     from slimline.runtime import open_model
     from slimline.serve.speculative import DraftLength, timed_greedy
 
-    target, draft = open_model(target_path, shares_cores=True), open_model(draft_path, shares_cores=True)
+    # as the server runs them: llama.cpp's exactness across pass shapes is the server's (batch invariance)
+    target = open_model(target_path, shares_cores=True, serving=True)
+    draft = open_model(draft_path, shares_cores=True, serving=True, batch_invariant=False)
     step = max(1, (stream.numel() - 64) // params.check_prompts)
     prompts = [stream[i * step : i * step + 64].tolist() for i in range(params.check_prompts)]
     plain_rates, speculative_rates, acceptance, identical = [], [], [], 0

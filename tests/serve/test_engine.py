@@ -106,9 +106,12 @@ def test_more_requests_than_slots_wait_and_rotate(pair) -> None:
     assert max(engine.batch_sizes) == 2
 
 
-def test_a_long_prompt_rides_in_chunks_while_others_decode(pair) -> None:
-    """Prompt chunks ride in the decoding passes: a short request keeps decoding while a long prompt fills."""
+@pytest.mark.parametrize("pads_rows", [False, True])
+def test_a_long_prompt_is_taken_in_chunks_while_others_decode(pair, pads_rows: bool) -> None:
+    """A short request keeps decoding while a long prompt fills in chunks: riding in its passes, or
+    (a padded runtime) in passes of their own between its rounds."""
     target, draft, tokenizer = pair
+    target.pads_rows = pads_rows  # as llama.cpp (False) or the dense runtimes (True) schedule
     short, long = prompts(1)[0], torch.randint(1, 500, (120,), generator=torch.Generator().manual_seed(5)).tolist()
     expected = [alone(pair, short, 40), alone(pair, long, 8)]
     passes: list[list[int]] = []  # tokens per row of every target pass
@@ -123,7 +126,12 @@ def test_a_long_prompt_rides_in_chunks_while_others_decode(pair) -> None:
         outputs = [token_ids(short_events)[0], token_ids(long_events)[0]]
     finally:
         engine.shutdown()
-        del target.forward  # the model's own method again
+        del target.forward, target.pads_rows  # the model's own again
     assert outputs == expected
     riding = [rows for rows in passes if len(rows) == 2 and 8 in rows and min(rows) <= 3]
-    assert len(riding) >= 5  # chunks of 8 prompt tokens shared passes with the short request's verification
+    alone_chunks = [i for i, rows in enumerate(passes) if rows == [8]]
+    if pads_rows:
+        assert not riding and len(alone_chunks) >= 5
+        assert any(passes[i + 1] == [3] for i in alone_chunks)  # the short request's round between chunks
+    else:
+        assert len(riding) >= 5  # chunks of 8 prompt tokens shared passes with the short request's verification
