@@ -338,7 +338,7 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
 def batching_check(rows: list[dict], group: str, clients: int) -> dict:
     """(a) batched >= 4x interleaved at the most clients, with no error and no mismatch in either, at any count."""
     batched, interleaved = find(rows, f"{group} batched", clients), find(rows, f"{group} interleaved", clients)
-    mine = [r for r in rows if r["config"].startswith(f"{group} ")]
+    mine = [r for r in rows if r["config"] in (f"{group} batched", f"{group} interleaved")]
     errors = sum(r.get("errors", 0) for r in mine) + sum("failed" in r for r in mine)
     mismatches = sum(r.get("mismatches", 0) for r in mine)
     speedup = ratio(batched, interleaved)
