@@ -56,6 +56,9 @@ class RuntimeModel(ABC):
     # Rows are padded to the longest feed (dense caches): a 64-token prompt row makes every row of
     # its pass 64 tokens long, so prompts should not share a pass with decoding rows.
     pads_rows: bool = True
+    # A one-token pass costs what a two-token one does (llama.cpp with steady shapes): a guessed
+    # second token rides free.
+    free_second_token: bool = False
 
     @abstractmethod
     def new_sequence(self) -> Sequence:

@@ -249,6 +249,7 @@ class LlamaCppModel(RuntimeModel):
         self.flash_attention = flash_attention
         self.unified_cache = unified_cache
         self.steady_shapes = steady_shapes
+        self.free_second_token = steady_shapes
         self.model = self.load_model(folder / MODEL_FILE)
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
         cells = cache_tokens if cache_tokens is not None else default_cache_tokens(n_ctx_train, max_sequences)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from slimline.runtime import Feed, RuntimeModel, Sequence
@@ -41,6 +42,8 @@ class DecodeStats:
     accepted: int = 0
     rounds: int = 0
     target_calls: int = 0
+    guesses: int = 0  # prompt-lookup guesses riding in a free slot (see ``lookup_guess``)
+    guesses_accepted: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -101,6 +104,7 @@ class DraftLength:
         self.pass_seconds: dict[int, float] = {}  # tokens in one target pass -> moving average seconds
         self.rounds_without_draft = 0
         self.probes = 0  # probe rounds so far: which lane of a batch probes next
+        self.guesses_accepted, self.guesses_rejected = 1.0, 1.0  # prompt-lookup guesses: a prior at 0.5
 
     @property
     def acceptance(self) -> float:
@@ -143,6 +147,18 @@ class DraftLength:
             return self.k  # nothing measured yet
         return max(range(self.max_k + 1), key=lambda k: self.tokens_per_second(k, rows))
 
+    def observe_guess(self, accepted: bool) -> None:
+        """Fold one prompt-lookup guess into its acceptance estimate."""
+        self.guesses_accepted = self.decay * self.guesses_accepted + accepted
+        self.guesses_rejected = self.decay * self.guesses_rejected + (not accepted)
+
+    def guessing_pays(self, rows: int) -> bool:
+        """Whether ``rows`` lanes decode faster each feeding a lookup guess (a pass twice as long, free proposals)."""
+        if not self.pass_seconds:
+            return False
+        acceptance = self.guesses_accepted / (self.guesses_accepted + self.guesses_rejected)
+        return (1 + acceptance) / self.pass_cost(2 * rows) > 1 / self.pass_cost(rows)
+
     @property
     def probe_due(self) -> bool:
         """The draft has been off for ``probe_every`` rounds: one lane should propose once to re-measure it."""
@@ -160,6 +176,7 @@ class DraftLength:
         copy.accepted, copy.rejected = self.accepted, self.rejected
         copy.draft_seconds, copy.pass_seconds = dict(self.draft_seconds), dict(self.pass_seconds)
         copy.rounds_without_draft, copy.probes = self.rounds_without_draft, self.probes
+        copy.guesses_accepted, copy.guesses_rejected = self.guesses_accepted, self.guesses_rejected
         return copy
 
 
@@ -208,6 +225,7 @@ class Lane:
     drafts: list[int] = field(default_factory=list)
     draft_probabilities: list[torch.Tensor | None] = field(default_factory=list)
     verified_logits: torch.Tensor | None = None  # the target's, after the pending token and each proposal
+    guessed: bool = False  # this round's proposal is a prompt-lookup guess, not the draft model's
 
     @property
     def prefilled(self) -> bool:
@@ -323,16 +341,53 @@ def speculative_round(
     for lane, k_i in zip(lanes, ks, strict=True):
         if not k_i:
             lane.drafts, lane.draft_probabilities = [], []
+        lane.guessed = False
+    free_slot = target.free_second_token and len(lanes) == 1  # the pass would carry a throwaway token
+    if free_slot or (length is not None and length.guessing_pays(len(lanes))):
+        guess_ahead(lanes)
     feeds = [Feed(lane.target, lane.tokens[lane.target.length :] + lane.drafts) for lane in lanes]
     started = time.perf_counter()
     logits = target.forward(feeds + (prompt_rows or []))[: len(lanes)]
-    steady = not prompt_rows and all(len(f.tokens) == k_i + 1 for f, k_i in zip(feeds, ks, strict=True))
+    steady = not prompt_rows and all(
+        len(f.tokens) == len(lane.drafts) + 1 for f, lane in zip(feeds, lanes, strict=True)
+    )
     if length is not None and steady:
         length.observe_pass(sum(len(f.tokens) for f in feeds), time.perf_counter() - started)
     new_tokens = [accept(lane, row[-(len(lane.drafts) + 1) :], length) for lane, row in zip(lanes, logits, strict=True)]
     if length is not None:
         length.finish_round(bool(drafting), sum(1 for lane in lanes if lane.draft is not None))
     return new_tokens
+
+
+def guess_ahead(lanes: list[Lane]) -> None:
+    """Each greedy lane the draft left without proposals proposes its prompt-lookup guess, if it has one.
+
+    Greedy only: a sampled request's random numbers must not depend on what else runs with it.
+    """
+    for lane in lanes:
+        if lane.drafts or not lane.params.greedy or lane.room <= 1:
+            continue
+        guess = lookup_guess(lane.tokens)
+        if guess is not None:
+            lane.drafts, lane.draft_probabilities, lane.guessed = [guess], [None], True
+
+
+def lookup_guess(tokens: list[int], longest: int = 3, window: int = 2048) -> int | None:
+    """The token that followed the latest earlier occurrence of the last ``n`` tokens (``n`` = ``longest``..1).
+
+    Prompt lookup (Saxena, 2023): text repeats itself, code most of all, so the continuation of an
+    earlier match is often the next token. Only the last ``window`` tokens are searched.
+    """
+    recent = np.asarray(tokens[-window:])
+    for n in range(min(longest, len(recent) - 1), 0, -1):
+        starts = len(recent) - n  # candidate matches begin before the tail itself
+        match = np.ones(starts, dtype=bool)
+        for offset in range(n):
+            match &= recent[offset : offset + starts] == recent[starts + offset]
+        found = np.flatnonzero(match)
+        if len(found):
+            return int(recent[found[-1] + n])
+    return None
 
 
 def probe(lanes: list[Lane], ks: list[int], length: DraftLength) -> None:
@@ -357,7 +412,12 @@ def accept(lane: Lane, target_logits: torch.Tensor, length: DraftLength | None) 
     if lane.draft is not None:
         lane.draft.truncate(min(lane.draft.length, len(lane.tokens) - 1))
     lane.stats.target_calls += 1
-    if lane.drafts:
+    if lane.guessed:
+        lane.stats.guesses += 1
+        lane.stats.guesses_accepted += accepted
+        if length is not None:
+            length.observe_guess(accepted == 1)
+    elif lane.drafts:
         lane.stats.rounds += 1
         lane.stats.proposed += len(lane.drafts)
         lane.stats.accepted += accepted

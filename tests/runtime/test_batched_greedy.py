@@ -16,7 +16,14 @@ import torch
 from slimline.models import load_causal_lm
 from slimline.runtime import Feed, RuntimeModel
 from slimline.serve.sampling import SamplingParams
-from slimline.serve.speculative import DraftLength, generate_tokens, open_lane, prefill, speculative_round
+from slimline.serve.speculative import (
+    DecodeStats,
+    DraftLength,
+    generate_tokens,
+    open_lane,
+    prefill,
+    speculative_round,
+)
 from tests.conftest import build_tiny_model
 
 pytestmark = pytest.mark.stage
@@ -62,7 +69,8 @@ def open_pair(runtime: str, root: Path) -> tuple[RuntimeModel, RuntimeModel]:
 
     if gguf_converter.missing_converter():
         pytest.skip(f"llama.cpp's converter is not fetched: run `{gguf_converter.fetch_command()}`")
-    serving = {"max_sequences": 8, "flash_attention": True, "unified_cache": False}  # as the server opens them
+    # as the server opens a target: then a lone lane's passes carry prompt-lookup guesses (steady shapes)
+    serving = {"max_sequences": 8, "flash_attention": True, "unified_cache": False, "steady_shapes": True}
     return (
         LlamaCppModel(gguf_folder(target_hf, root / "target"), **serving),
         LlamaCppModel(gguf_folder(draft_hf, root / "draft"), **serving),
@@ -137,3 +145,21 @@ def test_onnx_keeps_the_batch_caches_between_passes_over_the_same_rows(pair) -> 
     assert [s.past[0].shape[2] for s in sequences] == [s.length for s in sequences]
     for sequence in sequences:
         sequence.close()
+
+
+def test_a_lone_greedy_lane_fills_the_free_slot_with_a_guess(pair) -> None:
+    """On llama.cpp with steady shapes a lone lane's pass has room for a second token: a prompt-lookup
+    guess takes it, and the output is still the target's greedy decoding."""
+    target, _ = pair
+    if not target.free_second_token:
+        pytest.skip("only llama.cpp with steady shapes has a free second token")
+    prompt = [5, 6, 7, 8, 9] * 6  # repetitive: lookup always finds a continuation
+    stats = DecodeStats()
+    tokens: list[int] = []
+    for new in generate_tokens(target, None, prompt, SamplingParams(), None, torch.Generator(), stats):
+        tokens += new
+        if len(tokens) >= NEW_TOKENS:
+            break
+    assert stats.guesses > 0 and stats.proposed == 0  # guesses are not the draft model's proposals
+    expected = decode_together(target, None, [prompt, [3, 4]], 0)[0]  # two lanes: no free slot, no guess
+    assert tokens[:NEW_TOKENS] == expected

@@ -19,6 +19,7 @@ from slimline.serve.speculative import (
     Lane,
     expected_tokens_per_round,
     generate_tokens,
+    lookup_guess,
     open_lane,
     prefill,
     speculative_round,
@@ -260,8 +261,9 @@ def test_a_probe_round_lets_one_lane_propose_in_turn(tiny_pair) -> None:
         length.k, length.rounds_without_draft = 0, length.probe_every  # as after rounds where no k paid off
         assert length.probe_due
         speculative_round(target, draft, lanes, 0, length)
-        assert sorted(len(lane.drafts) for lane in lanes) == [0, 0, 1]
-        probed.append(next(i for i, lane in enumerate(lanes) if lane.drafts))
+        from_draft = [i for i, lane in enumerate(lanes) if lane.drafts and not lane.guessed]  # not lookup guesses
+        assert len(from_draft) == 1 and len(lanes[from_draft[0]].drafts) == 1
+        probed.append(from_draft[0])
         assert length.rounds_without_draft == 0
     assert probed[0] != probed[1]
     for lane, prompt in zip(lanes, prompts, strict=True):  # an accepted probe gives its lane one token more
@@ -287,6 +289,26 @@ def test_an_idle_draft_catches_up_when_it_proposes_again(tiny_pair, monkeypatch)
     for lane, prompt in zip(lanes, prompts, strict=True):
         generated = lane.tokens[len(prompt) :]
         assert generated == first_tokens(target, None, prompt, SamplingParams(), 0, len(generated))
+
+
+def test_guesses_are_made_where_a_longer_pass_costs_little() -> None:
+    """A lookup guess doubles a pass's tokens: worth it where passes are memory-bound, not where compute-bound."""
+    length = DraftLength(0, adaptive=True)
+    assert not length.guessing_pays(1)  # nothing measured yet
+    for tokens, seconds in ((1, 0.010), (2, 0.011), (16, 0.030), (32, 0.055)):
+        length.observe_pass(tokens, seconds)
+    assert length.guessing_pays(1)  # 1.5 expected tokens for 10% more time
+    assert not length.guessing_pays(16)  # 1.5 expected tokens for 83% more time
+    for _ in range(20):
+        length.observe_guess(False)
+    assert not length.guessing_pays(1)  # guesses that never land are not worth even 10%
+
+
+def test_lookup_guess_continues_the_latest_earlier_match() -> None:
+    assert lookup_guess([1, 2, 3, 4, 1, 2]) == 3  # "1 2" was followed by 3
+    assert lookup_guess([1, 2, 3, 9, 9, 1, 2, 3]) == 9  # the longest tail that occurred before wins
+    assert lookup_guess([7, 1, 7, 2, 7]) == 2  # the latest occurrence
+    assert lookup_guess([5, 6, 7]) is None and lookup_guess([4]) is None
 
 
 def test_warping_applies_top_k_and_top_p() -> None:
