@@ -244,7 +244,7 @@ class LlamaCppModel(RuntimeModel):
             )
         if cache_tokens is not None and cache_tokens < 1:
             raise ValueError(f"cache_tokens must be at least 1, not {cache_tokens}")
-        self.name = folder.name
+        self.name, self.folder = folder.name, folder
         self.max_batch = max_sequences
         self.flash_attention = flash_attention
         self.unified_cache = unified_cache

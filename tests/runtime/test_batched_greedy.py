@@ -163,3 +163,24 @@ def test_a_lone_greedy_lane_fills_the_free_slot_with_a_guess(pair) -> None:
     assert stats.guesses > 0 and stats.proposed == 0  # guesses are not the draft model's proposals
     expected = decode_together(target, None, [prompt, [3, 4]], 0)[0]  # two lanes: no free slot, no guess
     assert tokens[:NEW_TOKENS] == expected
+
+
+def test_a_serve_bundle_scores_windows_while_its_latency_lane_is_open(pair, tmp_path: Path) -> None:
+    """The evaluator's speculative backend over this pair: accuracy windows and a decoding lane at once."""
+    from slimline.evaluate.backends.speculative_backend import SpeculativeBackend
+    from slimline.serve.bundle import ServeBundle, write_bundle
+
+    target, draft = pair
+    write_bundle(tmp_path, ServeBundle(target.folder, draft.folder, k=2, adaptive=False))
+    backend = SpeculativeBackend(tmp_path)
+    try:
+        prompt = torch.tensor([5, 6, 7, 8, 9, 10])
+        token = int(backend.prefill(prompt).argmax())
+        scored = backend.logits(prompt)  # a second sequence on each model while the lane is open
+        tokens = [token]
+        for _ in range(6):
+            tokens.append(int(backend.decode(tokens[-1]).argmax()))
+    finally:
+        backend.close()
+    assert scored.shape[0] == len(prompt)
+    assert tokens == greedy_alone(target, prompt.tolist())[: len(tokens)]

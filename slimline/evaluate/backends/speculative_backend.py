@@ -33,8 +33,9 @@ class SpeculativeBackend(Backend):
         bundle = read_bundle(folder)
         if bundle.draft is None:
             raise ArtifactError(f"{folder} names no draft model: a speculative backend needs one")
-        self.target = open_model(bundle.target, shares_cores=True)
-        self.draft = open_model(bundle.draft, shares_cores=True)
+        # two sequences each: the latency lane, and the scoring of windows while it is open
+        self.target = open_model(bundle.target, max_sequences=2, shares_cores=True)
+        self.draft = open_model(bundle.draft, max_sequences=2, shares_cores=True)
         self.name = f"speculative ({self.target.backend})"
         self.draft_length = DraftLength(bundle.k, bundle.adaptive)
         self.lane: Lane | None = None
