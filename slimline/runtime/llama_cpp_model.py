@@ -249,7 +249,6 @@ class LlamaCppModel(RuntimeModel):
         self.flash_attention = flash_attention
         self.unified_cache = unified_cache
         self.steady_shapes = steady_shapes
-        self.free_second_token = steady_shapes
         self.model = self.load_model(folder / MODEL_FILE)
         n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
         cells = cache_tokens if cache_tokens is not None else default_cache_tokens(n_ctx_train, max_sequences)
@@ -359,6 +358,11 @@ class LlamaCppModel(RuntimeModel):
         if widened:
             self.remove_cells(feeds[0].sequence.seq_id, feeds[0].sequence.length)  # the throwaway token
         return list(torch.split(logits, flat.row_outputs))
+
+    @property
+    def free_second_token(self) -> bool:
+        """With steady shapes a one-token pass carries a throwaway token: a guess may take its place."""
+        return self.steady_shapes
 
     def widened(self, feeds: list[Feed]) -> list[Feed] | None:
         """With ``steady_shapes``, a one-token pass as two tokens (the second thrown away); else None."""

@@ -17,7 +17,7 @@ import torch
 
 from slimline.runtime.base import Feed, RuntimeModel, check_feeds
 from slimline.runtime.layout import LOGITS, CacheLayout
-from slimline.runtime.ragged import DenseSequence, KeptBatch, kept_batch_inputs
+from slimline.runtime.ragged import DenseSequence, KeptBatch, kept_batch_inputs, row_logits
 
 log = logging.getLogger(__name__)
 
@@ -109,24 +109,22 @@ class OnnxModel(RuntimeModel):
         kept = self.kept if self.kept is not None and self.kept.holds(sequences) else None
         if kept is None:
             self.dissolve_kept()
-        prepared = kept_batch_inputs(sequences, [feed.tokens for feed in feeds], kept)
-        inputs = {name: prepared[name] for name in ("input_ids", "attention_mask", "position_ids")}
-        inputs.update(zip(self.layout.past_names(), prepared["caches"], strict=True))
+        batch, caches, valid = kept_batch_inputs(sequences, [feed.tokens for feed in feeds], kept)
+        inputs = {
+            "input_ids": batch.input_ids.numpy(),
+            "attention_mask": valid.astype(np.int64),
+            "position_ids": batch.position_ids.numpy(),
+        }
+        inputs.update(zip(self.layout.past_names(), caches, strict=True))
         outputs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, inputs), strict=True))
-        self.kept = KeptBatch(
-            list(sequences), [outputs[name] for name in self.layout.present_names()], prepared["valid_after"]
-        )
+        self.kept = KeptBatch(list(sequences), [outputs[name] for name in self.layout.present_names()], valid)
         for row, feed in enumerate(feeds):
             feed.sequence.kept, feed.sequence.row = self.kept, row
             feed.sequence.length += len(feed.tokens)
         if self.kept.spare_columns > max(SPARE_COLUMNS, self.kept.valid.shape[1] // 4):
             self.dissolve_kept()  # the next pass pads the rows afresh, without the holes
         logits = torch.from_numpy(outputs[LOGITS])
-        new = [len(feed.tokens) for feed in feeds]
-        return [
-            (logits[row, : new[row]] if feed.all_logits else logits[row, new[row] - 1 : new[row]]).float()
-            for row, feed in enumerate(feeds)
-        ]
+        return [row_logits(logits, batch, row, feed.all_logits) for row, feed in enumerate(feeds)]
 
     def dissolve_kept(self) -> None:
         """Hand the rows of the last pass their own caches (before a pass over other rows)."""

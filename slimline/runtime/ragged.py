@@ -169,37 +169,23 @@ class KeptBatch:
         self.sequences = []
 
 
-def kept_batch_inputs(sequences: list[DenseSequence], rows: list[list[int]], kept: KeptBatch | None) -> dict:
-    """Inputs of a pass (ids, mask, positions, the past caches by index) and the mask columns it adds.
+def kept_batch_inputs(
+    sequences: list[DenseSequence], rows: list[list[int]], kept: KeptBatch | None
+) -> tuple[RaggedBatch, list[np.ndarray], np.ndarray]:
+    """The padded batch (ids, positions), the past caches by index, and the mask of valid columns [B, T + N].
 
-    Over the rows of ``kept``: its caches as they are. Otherwise each row's own cache, padded.
+    Over the rows of ``kept``: its caches as they are, with its mask. Otherwise each row's own cache, padded.
     """
-    batch, padded_new = len(rows), max(len(row) for row in rows)
-    if kept is not None:
-        caches, valid = kept.caches, kept.valid
-    else:
-        lengths = [sequence.length for sequence in sequences]
+    batch = ragged_batch([sequence.length for sequence in sequences], rows)
+    valid = batch.attention_mask.numpy().astype(bool)
+    if kept is None:
         caches = [
-            pad_caches([sequence.past[index] for sequence in sequences], max(lengths)).numpy()
+            pad_caches([sequence.past[index] for sequence in sequences], batch.padded_past).numpy()
             for index in range(len(sequences[0].past))
         ]
-        valid = np.arange(max(lengths))[None, :] < np.array(lengths)[:, None]
-    new_lengths = np.array([len(row) for row in rows])
-    new_valid = np.arange(padded_new)[None, :] < new_lengths[:, None]
-    input_ids = np.zeros((batch, padded_new), dtype=np.int64)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = row
-    # Padded positions continue the count so every position id stays within the model's range.
-    starts = np.array([sequence.length for sequence in sequences])
-    position_ids = starts[:, None] + np.arange(padded_new)[None, :]
-    attention = np.concatenate([valid, new_valid], axis=1)
-    return {
-        "input_ids": input_ids,
-        "position_ids": position_ids.astype(np.int64),
-        "attention_mask": attention.astype(np.int64),
-        "caches": [np.ascontiguousarray(cache) for cache in caches],
-        "valid_after": attention,
-    }
+    else:
+        caches, valid = kept.caches, np.concatenate([kept.valid, valid[:, batch.padded_past :]], axis=1)
+    return batch, [np.ascontiguousarray(cache) for cache in caches], valid
 
 
 def keep_presents(sequences: list, presents: list[torch.Tensor], batch: RaggedBatch) -> None:
