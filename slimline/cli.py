@@ -25,6 +25,7 @@ from rich.progress import Progress as RichBars
 from rich.table import Table
 
 from slimline.config import load_pipeline, pipeline_json_schema
+from slimline.devices import check_device_name, check_dtype_name
 from slimline.errors import SlimlineError
 from slimline.progress import Progress
 from slimline.runlog import RUN_LOG, TerminalStream, captured_output, run_folder, run_log
@@ -136,6 +137,14 @@ def setup_logging(quiet: bool, ci: bool, detail: bool = True) -> None:
     # transformers' own bars and per-load notices would drown slimline's one line per step.
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def checked_option(value: str, check: Callable[[str], str]) -> str:
+    """An option's value through a check that raises ValueError, as a usage error naming the option."""
+    try:
+        return check(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 def fail(error: SlimlineError, ci: bool = False) -> None:
@@ -386,6 +395,21 @@ def serve(
             "cost to one-request decoding (docs/serving.md).",
         ),
     ] = True,
+    device: Annotated[
+        str,
+        typer.Option(
+            callback=lambda value: checked_option(value, check_device_name),
+            help="Where PyTorch models run: auto (a CUDA GPU where one is visible), cpu, cuda, cuda:N.",
+        ),
+    ] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            callback=lambda value: checked_option(value, check_dtype_name),
+            help="PyTorch models' dtype: auto (bf16 on a CUDA GPU with native bf16, else float32), "
+            "float32, bfloat16 or float16.",
+        ),
+    ] = "auto",
     limit: Annotated[
         list[str] | None,
         typer.Option(
@@ -414,6 +438,8 @@ def serve(
             max_batch,
             limits=limits,
             batch_invariant=batch_invariant,
+            device=device,
+            dtype=dtype,
         )
     except SlimlineError as error:
         fail(error)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slimline.devices import DEVICE_HELP, check_device_name
 from slimline.errors import ConfigError
 from slimline.registry import STAGES, stage_module, stage_spec
 from slimline.sources import DATA_PREFIXES, DataSource
@@ -85,6 +86,17 @@ class EvaluateConfig(Strict):
 
     accuracy: AccuracySettings = AccuracySettings()
     latency: LatencySettings = LatencySettings()
+    device: str = Field(
+        "auto",
+        description=f"Where PyTorch artifacts are measured: {DEVICE_HELP}. ONNX and GGUF artifacts run on the CPU; "
+        "the report names each artifact's device.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def check_device(cls, value: str) -> str:
+        """auto, cpu, cuda or cuda:N."""
+        return check_device_name(value)
 
 
 class OutputCheckConfig(Strict):
@@ -152,11 +164,22 @@ class StageConfig(Strict):
         OutputCheckConfig(),
         description="Floors the output must meet against its parent on calibration tokens before it is published.",
     )
+    device: str = Field(
+        "auto",
+        description=f"Where the stage runs: {DEVICE_HELP}. Kinds that run on the CPU only (quantize.ptq, "
+        "quantize.gguf, ...) refuse cuda.",
+    )
     launch: LaunchConfig | None = Field(
         None,
         description="Train data-parallel under torchrun (lora, distill, quantize.qat, prune.structured's recovery); "
         "the result is the same at any world size, so it is not part of the stage's cache key.",
     )
+
+    @field_validator("device")
+    @classmethod
+    def check_device(cls, value: str) -> str:
+        """auto, cpu, cuda or cuda:N."""
+        return check_device_name(value)
 
     @field_validator("id")
     @classmethod
@@ -268,6 +291,7 @@ def validate_data(data: dict[str, Any], path: Path) -> tuple[Pipeline | None, li
     problems: list[Problem] = []
     params = validate_stage_params(config, problems)
     problems += attach_launches(config, params)
+    problems += device_problems(config)
     parents = resolve_parents(config, problems)
     problems += find_cycles(parents)
     extra_inputs = resolve_extra_inputs(config, params, problems)
@@ -365,6 +389,22 @@ def attach_launches(config: PipelineConfig, params: dict[str, BaseModel]) -> lis
             problems.append(Problem(("stages", index, *problem.loc), problem.message))
         else:
             params[stage.id]._launch = stage.launch  # a private attribute: not a param, not in the cache key
+    return problems
+
+
+def device_problems(config: PipelineConfig) -> list[Problem]:
+    """An explicit CUDA device on a stage kind that runs on the CPU only."""
+    problems = []
+    for index, stage in enumerate(config.stages):
+        if stage.kind in STAGES and stage.device.startswith("cuda") and stage_spec(stage.kind).device == "cpu":
+            cuda_kinds = sorted(kind for kind in STAGES if stage_spec(kind).device != "cpu")
+            problems.append(
+                Problem(
+                    ("stages", index, "device"),
+                    f"{stage.kind} runs on the CPU only (its output is a CPU format or its library has no CUDA "
+                    f"path here); device: cuda applies to {cuda_kinds}",
+                )
+            )
     return problems
 
 

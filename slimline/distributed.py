@@ -154,7 +154,8 @@ def fit(
 
     ``build`` makes the model in this process, exactly as the stage module's ``build_training``
     does in a rank (same seed first); ``prepared`` is a folder the stage wrote for its ranks to
-    load (a pruned model). Returns the trained ``Training`` and the loss curve.
+    load (a pruned model). Returns the trained ``Training``, its model on ``ctx.device``, and the
+    loss curve.
     """
     import torch
 
@@ -164,6 +165,7 @@ def fit(
     if launch is None:
         torch.manual_seed(ctx.seed)
         training = build()
+        training.model.to(ctx.device)
         curve = train_steps(training.model, ctx.data.stream("train"), training.settings, ctx, training.loss_fn)
         return training, curve
     job_dir = ctx.work_dir / JOB_FOLDER
@@ -173,6 +175,7 @@ def fit(
         torch.manual_seed(ctx.seed)
         training = build()
         load_trained_state(training.model, job_dir / STATE_FILE)
+        training.model.to(ctx.device)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)  # never part of the published artifact
     ctx.records.update(result["records"])
@@ -190,7 +193,6 @@ def write_job(
     prepared: Path | None,
 ) -> Path:
     """Write the job the ranks read: JSON and the train split's tokens as safetensors; return the JSON's path."""
-    import torch
     from safetensors.torch import save_file
 
     from slimline.hardware import measured_bf16_slowdown
@@ -198,7 +200,7 @@ def write_job(
     job_dir.mkdir(parents=True, exist_ok=True)
     settings = train_settings_of(kind, params)
     assert settings is not None  # validation refused a launch on a stage that does not train
-    if settings.precision != "fp32" and not torch.cuda.is_available():
+    if settings.precision != "fp32" and ctx.device == "cpu":
         measured_bf16_slowdown()  # measured (and cached) once here, not by every rank at once
     save_file({"tokens": ctx.data.stream("train").contiguous()}, job_dir / STREAM_FILE)
     job = {
@@ -210,6 +212,7 @@ def write_job(
         "prepared": str(prepared.resolve()) if prepared else None,
         "launch": launch.model_dump(mode="json"),
         "threads_per_rank": threads_per_rank(launch.nproc_per_node),
+        "device_type": "cpu" if ctx.device == "cpu" else "cuda",  # each rank takes the CUDA device of its local rank
     }
     write_json_atomic(job_dir / JOB_FILE, job)
     return job_dir / JOB_FILE
@@ -481,7 +484,7 @@ def train_rank(job: dict[str, Any], job_dir: Path, rank: int) -> None:
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.set_num_threads(job["threads_per_rank"])
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if job.get("device_type") == "cuda" else torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -135,9 +135,9 @@ def decide_precision(
     return PrecisionChoice(requested, "bf16", f"native bf16 (AVX512-BF16 or AMX){measured}", bf16_slowdown)
 
 
-def choose_precision(requested: Precision) -> PrecisionChoice:
-    """Decide the training precision on this machine; warn when an explicit bf16 will be slow."""
-    if torch.cuda.is_available():
+def choose_precision(requested: Precision, device: str = "cpu") -> PrecisionChoice:
+    """Decide the training precision for ``device`` ('cpu', 'cuda:N'); warn when an explicit bf16 will be slow."""
+    if device != "cpu":
         return decide_precision(
             requested, cuda_bf16=torch.cuda.is_bf16_supported(), native_bf16=False, bf16_slowdown=None
         )

@@ -72,6 +72,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from slimline.config import INPUT_ID, Pipeline, check_stage_shape, topological_order
+from slimline.devices import resolve_device
 from slimline.errors import PreflightError
 from slimline.registry import stage_spec
 from slimline.stage import ModelShape
@@ -414,7 +415,7 @@ def estimate_stage_memory(
     parent: ModelShape,
     output: ModelShape,
     extras: tuple[ModelShape, ...] = (),
-    cuda_available: bool = False,
+    device: str = "cpu",
     max_batch: int = 1,
 ) -> MemoryEstimate:
     """The stage's peak per process, by part, from its params and the shapes of its input(s) and output.
@@ -422,10 +423,10 @@ def estimate_stage_memory(
     ``stage`` is the pipeline's stage entry (its ``launch:`` block, if any, sets the world size and
     strategy); ``extras`` are the shapes of the other stages it reads (serve's draft);
     ``max_batch`` the serve stage's concurrent sequences (1: the stage decodes its check prompts
-    one at a time).
+    one at a time); ``device`` where the stage runs ('cpu', 'cuda:N'), resolved from its request.
     """
     launch = getattr(stage, "launch", None)
-    device = "cuda" if stage_spec(stage.kind).device == "cuda" or (launch and cuda_available) else "cpu"
+    device = "cpu" if device == "cpu" else "cuda"
     parent_figures, output_figures = model_figures(parent), model_figures(output)
     train = training_of(stage.kind, params, launch, device)
     if stage.kind == "serve":
@@ -579,17 +580,13 @@ def stage_shapes(pipeline: Pipeline, model_source: Path) -> dict[str, ModelShape
 
 def pipeline_estimates(pipeline: Pipeline, model_source: Path, stage_ids: list[str]) -> dict[str, MemoryEstimate]:
     """The estimates of the stages named, from the input checkpoint's config (``model_source``)."""
-    import torch
-
     shapes = stage_shapes(pipeline, model_source)
     stages = {stage.id: stage for stage in pipeline.config.stages}
-    cuda = torch.cuda.is_available()
     estimates = {}
     for stage_id in stage_ids:
         extras = tuple(shapes[other] for other in pipeline.extra_inputs.get(stage_id, []))
         parent = shapes[pipeline.parents[stage_id]]
         params = pipeline.params[stage_id]
-        estimates[stage_id] = estimate_stage_memory(
-            stages[stage_id], params, parent, shapes[stage_id], extras, cuda_available=cuda
-        )
+        device = resolve_device(stages[stage_id].device, stage_spec(stages[stage_id].kind).device)
+        estimates[stage_id] = estimate_stage_memory(stages[stage_id], params, parent, shapes[stage_id], extras, device)
     return estimates

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from slimline.config import INPUT_ID, Pipeline
+from slimline.config import INPUT_ID, Pipeline, StageConfig
+from slimline.devices import device_problem, resolve_device
 from slimline.errors import PreflightError
 from slimline.memory import (
     MMAP_ENV,
@@ -53,6 +54,15 @@ def missing_requirements(kind: str) -> list[str]:
     return reasons
 
 
+def unusable_device(stage: StageConfig) -> list[str]:
+    """Why the device a stage asked for is not here ('cuda' with no GPU visible), beyond its kind's needs."""
+    spec = stage_spec(stage.kind)
+    if spec.device == "cuda":  # missing_requirements already says the kind needs a GPU
+        return []
+    problem = device_problem(resolve_device(stage.device, spec.device))
+    return [f"{problem}; set device: auto to run where it can"] if problem else []
+
+
 def folder_size(path: Path) -> int:
     """Bytes under a folder."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -62,7 +72,7 @@ def run_preflight(pipeline: Pipeline, run_dir: Path, model_source: Path) -> dict
     """Raise PreflightError for what cannot run; return {stage id: reason} for stages to skip."""
     problems, skips, refused = [], {}, set()
     for stage in pipeline.config.stages:
-        reasons = missing_requirements(stage.kind)
+        reasons = missing_requirements(stage.kind) + unusable_device(stage)
         if reasons and stage.allow_skip:
             skips[stage.id] = "; ".join(reasons)
         elif reasons:

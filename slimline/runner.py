@@ -50,6 +50,7 @@ from slimline.artifacts import (
 )
 from slimline.config import INPUT_ID, DataSource, Pipeline, StageConfig, check_stage_shape, topological_order
 from slimline.data import load_texts, source_fingerprint, tokenize_stream
+from slimline.devices import describe_device, resolve_device
 from slimline.errors import StageError
 from slimline.evaluate import Evaluator
 from slimline.evaluate.backends import open_backend
@@ -239,7 +240,9 @@ class Runner:
         work = new_work_folder(folder)
         try:
             torch.manual_seed(self.config.seed)
-            ctx = StageContext(stage_id, work, self.config.seed, self.data, self.progress)
+            device = self.stage_device(stage_id)
+            ctx = StageContext(stage_id, work, self.config.seed, self.data, self.progress, device)
+            ctx.records["device"] = describe_device(device)
             started = time.perf_counter()
             output = module.run(params, inputs, ctx)
             seconds = time.perf_counter() - started
@@ -249,7 +252,7 @@ class Runner:
             manifest["produce_seconds"] = round(seconds, 2)
             if output.base_model_path is not None:
                 manifest["base_model_path"] = str(output.base_model_path)
-            check = self.check_output(self.stage_config(stage_id), Artifact(work, manifest), parent)
+            check = self.check_output(self.stage_config(stage_id), Artifact(work, manifest), parent, device)
             if check is not None:
                 manifest["stage_metrics"]["output_check"] = check
             return publish(work, folder, manifest)
@@ -257,16 +260,23 @@ class Runner:
             shutil.rmtree(work, ignore_errors=True)
             raise
 
-    def check_output(self, stage: StageConfig, output: Artifact, parent: Artifact) -> dict[str, Any] | None:
+    def stage_device(self, stage_id: str) -> str:
+        """Where a stage runs: its ``device:`` request, resolved against what its kind can run on."""
+        stage = self.stage_config(stage_id)
+        return resolve_device(stage.device, stage_spec(stage.kind).device)
+
+    def check_output(
+        self, stage: StageConfig, output: Artifact, parent: Artifact, device: str = "cpu"
+    ) -> dict[str, Any] | None:
         """Score the unpublished output against its parent; raise StageError with the figures if it collapsed."""
         floor = floor_for(stage.kind, stage.check.min_top1_agreement, stage.check.max_kl)
         if floor is None or not stage.check.enabled:
             return None
         windows = check_windows(self.data.stream("calibration"), stage.check.tokens, model_context(parent))
         with self.progress.task(f"{stage.id}: output check", 1) as advance:
-            parent_backend = open_backend(parent)
+            parent_backend = open_backend(parent, device)
             try:
-                output_backend = open_backend(output)
+                output_backend = open_backend(output, device)
                 try:
                     figures = measure_output(output_backend, parent_backend, windows)
                 finally:
@@ -374,7 +384,10 @@ class Runner:
         """Measure the artifact unless an up-to-date report exists, then write its report."""
         folder = self.stage_dir(stage_id)
         key = evaluation_key(
-            result.artifact, self.config.evaluate, source_fingerprint(self.config.data.eval, self.base)
+            result.artifact,
+            self.config.evaluate,
+            source_fingerprint(self.config.data.eval, self.base),
+            evaluator.device,
         )
         cached = read_report(folder)
         if cached and cached.get("evaluation_key") == key and cached.get("status") == "ok":

@@ -45,7 +45,7 @@ class StageSpec:
     kind: str  # equal to the YAML ``kind``
     requires: tuple[str, ...]  # import names of the optional packages ``run`` needs (checked by preflight)
     extra: str | None  # the pip extra that brings ``requires`` (``slimline[<extra>]``); None when it is empty
-    device: Device  # 'cpu' (runs on the CPU), 'any' (CPU or GPU) or 'cuda' (needs a CUDA GPU)
+    device: Device  # 'cpu' (runs on the CPU only), 'any' (where ``device:`` says; slimline/devices.py) or 'cuda'
     data: tuple[str, ...]  # the splits the stage reads; part of its cache key
     # Params fields naming other stages whose artifacts ``run`` reads after its parent (serve's draft).
     extra_inputs: tuple[str, ...] = ()
@@ -76,6 +76,7 @@ class StageContext:
     seed: int
     data: DataAccess
     progress: Progress = field(default_factory=Progress)
+    device: str = "cpu"  # where the stage runs: 'cpu' or 'cuda:N' (slimline/devices.py resolved its request)
     # Figures the shared helpers record on the stage's behalf (the training precision chosen, say);
     # the runner adds them to the stage's metrics.
     records: dict[str, Any] = field(default_factory=dict)

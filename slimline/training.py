@@ -187,9 +187,9 @@ def train_steps(
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(ctx.seed)
     every = max(1, settings.steps // LOSS_CURVE_POINTS)
-    precision = choose_precision(settings.precision)
-    ctx.records["precision"] = precision.as_record()
     device = next(model.parameters()).device
+    precision = choose_precision(settings.precision, str(device))
+    ctx.records["precision"] = precision.as_record()
     curve, window = [], []
     model.train()
     with (

@@ -20,7 +20,7 @@ from slimline.runtime.torch_model import TorchModel
 from slimline.serve.app import create_app
 from slimline.serve.engine import Engine
 from slimline.serve.limits import ServerLimits
-from tests.serve.test_server import RunningServer
+from tests.serve.server_helpers import RunningServer
 
 pytestmark = pytest.mark.e2e
 

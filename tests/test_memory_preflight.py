@@ -196,14 +196,14 @@ def test_fsdp_divides_weights_gradients_and_optimizer_state_per_rank() -> None:
     alone = estimate_stage_memory(StageConfig(id="draft", kind="distill"), params, teacher, student)
     launch = LaunchConfig(nproc_per_node=4, strategy="fsdp")
     stage = StageConfig(id="draft", kind="distill", launch=launch)
-    on_gpus = estimate_stage_memory(stage, params, teacher, student, cuda_available=True)
+    on_gpus = estimate_stage_memory(stage, params, teacher, student, device="cuda:0")
     assert on_gpus.device == "cuda" and on_gpus.processes == 1
     assert on_gpus.parts["gradients"] == pytest.approx(alone.parts["gradients"] / 4, rel=1e-6)
     assert on_gpus.parts["optimizer_state"] == pytest.approx(alone.parts["optimizer_state"] / 4, rel=1e-6)
     assert on_gpus.parts["teacher"] == pytest.approx(alone.parts["teacher"] / 4, rel=1e-6)
     assert on_gpus.parts["activations"] == pytest.approx(alone.parts["activations"] / 4, rel=1e-6)  # 2 of 8 rows
     assert on_gpus.load_peak == alone.parts["weights"] + alone.parts["teacher"]  # the whole model, before sharding
-    on_cpus = estimate_stage_memory(stage, params, teacher, student, cuda_available=False)
+    on_cpus = estimate_stage_memory(stage, params, teacher, student, device="cpu")
     assert on_cpus.device == "cpu" and on_cpus.total == 4 * on_cpus.per_process  # the ranks share the machine
 
 

@@ -35,7 +35,7 @@ from slimline.training import Training, TrainSettings
 
 log = logging.getLogger(__name__)
 
-SPEC = StageSpec(kind="distill", requires=(), extra=None, device="cpu", data=("train", "eval"))
+SPEC = StageSpec(kind="distill", requires=(), extra=None, device="any", data=("train", "eval"))
 # Where Params keeps its training settings (a ``launch:`` block trains under torchrun: slimline/distributed.py).
 TRAIN_SETTINGS: tuple[str, ...] = ()
 
@@ -130,8 +130,9 @@ def distillation_loss(pair: torch.nn.Module, batch: torch.Tensor) -> torch.Tenso
 def top1_agreement(student: torch.nn.Module, teacher: torch.nn.Module, stream: torch.Tensor, window: int) -> float:
     """Share of held-out positions where student and teacher predict the same next token."""
     agree = total = 0
+    device = next(student.parameters()).device
     for chunk in token_windows(stream, AGREEMENT_TOKENS, window):
-        ids = chunk[None, :-1]
+        ids = chunk[None, :-1].to(device)
         agree += (student(input_ids=ids).logits.argmax(-1) == teacher(input_ids=ids).logits.argmax(-1)).sum().item()
         total += ids.numel()
     return agree / total

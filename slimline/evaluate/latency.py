@@ -2,7 +2,9 @@
 
 Each repeat prefills the same real prompt and decodes ``new_tokens`` greedily on the backend's
 KV cache; medians over repeats are reported. Peak memory is the growth of the process's peak
-resident set (Linux ``VmHWM``, reset before loading) while loading and decoding the artifact.
+resident set (Linux ``VmHWM``, reset before loading) while loading and decoding the artifact;
+on a CUDA device also the growth of the device's peak allocation. Every backend returns its
+logits on the CPU, so a timed step includes the device's work (no separate synchronisation).
 """
 
 from __future__ import annotations
@@ -59,6 +61,21 @@ def peak_memory_mb(baseline_kib: int | None) -> float | None:
     if baseline_kib is None or peak is None:
         return None
     return max(0, peak - baseline_kib) / 1024
+
+
+def reset_gpu_peak_memory(device: str) -> int | None:
+    """Reset a CUDA device's peak-allocation mark; return its bytes allocated now (None on the CPU)."""
+    if device == "cpu":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def gpu_peak_memory_mb(device: str, baseline_bytes: int | None) -> float | None:
+    """Peak CUDA allocation growth since ``reset_gpu_peak_memory``, in MB (the model's weights included)."""
+    if baseline_bytes is None:
+        return None
+    return max(0, torch.cuda.max_memory_allocated(device) - baseline_bytes) / 2**20
 
 
 def time_one_decode(backend: Backend, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:

@@ -30,7 +30,7 @@ from slimline.training import Training, TrainSettings, causal_lm_loss
 log = logging.getLogger(__name__)
 
 # peft is a core dependency; QLoRA's bitsandbytes is checked by Params (the 'qlora' extra).
-SPEC = StageSpec(kind="lora", requires=(), extra=None, device="cpu", data=("train", "eval"))
+SPEC = StageSpec(kind="lora", requires=(), extra=None, device="any", data=("train", "eval"))
 # Where Params keeps its training settings (a ``launch:`` block trains under torchrun: slimline/distributed.py).
 TRAIN_SETTINGS: tuple[str, ...] = ()
 # Held-out tokens on which a merged model is checked against adapter + base.
@@ -131,7 +131,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     if params.merge and params.quantize_base == "nf4":
         save_like_parent(merge_into_full_precision(peft_model, config, parent), ctx.work_dir, parent)
     elif params.merge:
-        probe = ctx.data.stream("eval")[None, :MERGE_CHECK_TOKENS]
+        probe = ctx.data.stream("eval")[None, :MERGE_CHECK_TOKENS].to(ctx.device)
         with torch.inference_mode():
             adapter_logits = peft_model(input_ids=probe).logits
             merged = peft_model.merge_and_unload()

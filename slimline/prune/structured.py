@@ -46,7 +46,8 @@ from slimline.training import Launchable, Training, TrainSettings, causal_lm_los
 
 log = logging.getLogger(__name__)
 
-SPEC = StageSpec(kind="prune.structured", requires=(), extra=None, device="cpu", data=("train", "calibration"))
+# Ranks and slices on the CPU; its recovery fine-tune trains where the stage runs.
+SPEC = StageSpec(kind="prune.structured", requires=(), extra=None, device="any", data=("train", "calibration"))
 # Where Params keeps its training settings (a ``launch:`` block trains the recovery under torchrun).
 TRAIN_SETTINGS = ("recovery",)
 

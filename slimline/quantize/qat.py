@@ -43,7 +43,8 @@ from slimline.training import Training, TrainSettings, causal_lm_loss
 
 log = logging.getLogger(__name__)
 
-SPEC = StageSpec(kind="quantize.qat", requires=("torchao",), extra="quant", device="cpu", data=("train",))
+# Trains where the stage runs; its int8 layers (torch.ao) are made and stored on the CPU.
+SPEC = StageSpec(kind="quantize.qat", requires=("torchao",), extra="quant", device="any", data=("train",))
 FORMAT = "torch-int8"
 # Where Params keeps its training settings (a ``launch:`` block trains under torchrun: slimline/distributed.py).
 TRAIN_SETTINGS: tuple[str, ...] = ()
@@ -141,7 +142,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     """Prepare, fine-tune with fake quantization, convert, then quantize to the int8 artifact."""
     parent = inputs[0]
     training, losses = fit(SPEC.kind, params, inputs, ctx, lambda: build_training(params, inputs))
-    model = training.model
+    model = training.model.to("cpu")  # the int8 layers are CPU kernels
     names = int8.quantizable_linears(model, params.include_lm_head)  # torchao's fake-quantized linears are Linears
     convert(model)
     int8.quantize_per_token_layers(model, names, params.weight_granularity, params.weight_bits)

@@ -96,6 +96,13 @@ def read_run_manifest(run_dir: Path) -> dict[str, Any]:
     return read_run_json(path, ManifestFile) if path.exists() else {}
 
 
+def backend_on_device(backend: str | None, device: str | None) -> str | None:
+    """'pytorch', or 'pytorch on cuda:0' where the artifact was measured on a GPU (the device's name dropped)."""
+    if backend is None or not device or device == "cpu":
+        return backend
+    return f"{backend} on {device.split()[0]}"
+
+
 def row_from_summary(entry: dict[str, Any]) -> Row:
     """A Row from one entry of summary.json's ``stages``, with the role its kind alone decides."""
     metrics = entry.get("metrics") or {}
@@ -108,7 +115,7 @@ def row_from_summary(entry: dict[str, Any]) -> Row:
         reason=entry.get("reason", ""),
         parent=entry.get("parent"),
         format=entry.get("format"),
-        backend=entry.get("backend"),
+        backend=backend_on_device(entry.get("backend"), metrics.get("device")),
         key=entry.get("key"),
         params=entry.get("params") or {},
         size_mb=metrics.get("size_mb"),

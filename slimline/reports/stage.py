@@ -19,9 +19,11 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
 
-def evaluation_key(artifact: Artifact, settings: EvaluateConfig, eval_data: str) -> str:
-    """What an evaluation depends on: the artifact, the yardstick settings and the eval data."""
-    return hash_json({"artifact": artifact.key, "settings": settings.model_dump(mode="json"), "data": eval_data})
+def evaluation_key(artifact: Artifact, settings: EvaluateConfig, eval_data: str, device: str = "cpu") -> str:
+    """What an evaluation depends on: the artifact, the yardstick settings, the eval data and the device."""
+    return hash_json(
+        {"artifact": artifact.key, "settings": settings.model_dump(mode="json"), "data": eval_data, "device": device}
+    )
 
 
 def read_report(folder: Path) -> dict[str, Any] | None:

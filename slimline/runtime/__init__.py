@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from slimline.artifacts import MANIFEST
 from slimline.errors import ArtifactError
 from slimline.runtime.base import Feed, RuntimeModel, Sequence
@@ -56,6 +58,8 @@ def open_model(
     shares_cores: bool = False,
     serving: bool = False,
     batch_invariant: bool = True,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> RuntimeModel:
     """Load an artifact folder into the runtime of its format.
 
@@ -79,11 +83,17 @@ def open_model(
     if fmt in ("hf", "source", "torch-int8"):
         from slimline.runtime.torch_model import TorchModel
 
-        return TorchModel(model_folder(folder), name=folder.name)
+        return TorchModel(model_folder(folder), name=folder.name, device=device, dtype=dtype or torch.float32)
     if fmt == "peft":
         from slimline.runtime.torch_model import TorchModel
 
-        return TorchModel(Path(manifest["base_model_path"]), adapter_path=folder, name=folder.name)
+        return TorchModel(
+            Path(manifest["base_model_path"]),
+            adapter_path=folder,
+            name=folder.name,
+            device=device,
+            dtype=dtype or torch.float32,
+        )
     if fmt == "onnx":
         from slimline.runtime.onnx_model import OnnxModel  # onnxruntime is an optional extra
 

@@ -52,6 +52,7 @@ class RuntimeModel(ABC):
     name: str
     backend: str  # 'pytorch', 'onnxruntime', 'llama.cpp', 'tensorrt'
     context_length: int
+    device: str = "cpu"  # where the weights are: 'cpu' or 'cuda:N' (logits always come back on the CPU)
     max_batch: int | None = None  # rows one pass can take (None: no limit of the runtime's own)
     # Rows are padded to the longest feed (dense caches): a 64-token prompt row makes every row of
     # its pass 64 tokens long, so prompts should not share a pass with decoding rows.

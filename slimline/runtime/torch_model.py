@@ -7,6 +7,7 @@ one transformers ``DynamicCache`` with an attention mask and per-row position id
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -73,6 +74,14 @@ def logical_parameter_count(model: torch.nn.Module) -> int:
     return total
 
 
+def cpu_only_checkpoint(path: Path) -> bool:
+    """True for torch.ao int8 checkpoints and library-quantized ones (GPTQ, bitsandbytes): run on the CPU."""
+    if (path / "int8_recipe.json").exists():
+        return True
+    config = path / "config.json"
+    return config.exists() and "quantization_config" in json.loads(config.read_text())
+
+
 class TorchSequence(Sequence):
     """A sequence's keys and values, layer by layer (key then value), each [1, kv_heads, length, head_dim]."""
 
@@ -89,20 +98,32 @@ class TorchSequence(Sequence):
 
 
 class TorchModel(RuntimeModel):
-    """An HF causal LM (or base + peft adapter) run by PyTorch in float32 on the CPU."""
+    """An HF causal LM (or base + peft adapter) run by PyTorch: float32 on the CPU, or on a CUDA device.
+
+    torch.ao int8 layers and library-quantized checkpoints (GPTQ, bitsandbytes) stay on the CPU,
+    where their kernels are the ones this project tests; ``device`` says where the model ended up.
+    """
 
     backend = "pytorch"
 
-    def __init__(self, model_path: Path, adapter_path: Path | None = None, name: str | None = None) -> None:
-        """Load the model, and the adapter on top of it when one is given."""
+    def __init__(
+        self,
+        model_path: Path,
+        adapter_path: Path | None = None,
+        name: str | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Load the model, and the adapter on top of it when one is given, onto ``device`` in ``dtype``."""
         from slimline.models import load_causal_lm
 
-        model = load_causal_lm(model_path)
+        self.device = "cpu" if cpu_only_checkpoint(model_path) else device
+        model = load_causal_lm(model_path, dtype=dtype if self.device != "cpu" else torch.float32)
         if adapter_path is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_path).eval()
-        self.model = model
+        self.model = model.to(self.device)
         self.name = name or model_path.name
         self.context_length = model.config.max_position_embeddings
 
@@ -116,6 +137,7 @@ class TorchModel(RuntimeModel):
         check_feeds(feeds, self.context_length)
         sequences = [feed.sequence for feed in feeds]
         batch = ragged_batch([s.length for s in sequences], [feed.tokens for feed in feeds])
+        device = torch.device(self.device)
         cache = DynamicCache()
         if batch.padded_past:
             template = next(s.past for s in sequences if s.past)
@@ -124,9 +146,9 @@ class TorchModel(RuntimeModel):
                 keys, values = (pad_caches([p[2 * layer + kv] for p in pasts], batch.padded_past) for kv in (0, 1))
                 cache.update(keys, values, layer)
         output = self.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device),
             past_key_values=cache,
             use_cache=True,
         )
@@ -135,7 +157,8 @@ class TorchModel(RuntimeModel):
             old = sequence.past or [present[:1, :, :0] for present in presents]
             sequence.past = [row_cache(o, present, batch, row) for o, present in zip(old, presents, strict=True)]
             sequence.length += batch.new_lengths[row]
-        return [row_logits(output.logits, batch, row, feed.all_logits) for row, feed in enumerate(feeds)]
+        # Logits come back to the CPU, as every runtime's do: sampling and scoring run there.
+        return [row_logits(output.logits, batch, row, feed.all_logits).cpu() for row, feed in enumerate(feeds)]
 
     def parameter_count(self) -> int | None:
         """Logical parameters of the loaded module, quantized layers included (a peft model counts its adapter too)."""

@@ -14,13 +14,22 @@ from slimline.serve.limits import ServerLimits
 log = logging.getLogger(__name__)
 
 
-def build_engine(pair: ServeBundle, max_active: int, max_batch: int | None = None, batch_invariant: bool = True):
+def build_engine(
+    pair: ServeBundle,
+    max_active: int,
+    max_batch: int | None = None,
+    batch_invariant: bool = True,
+    device: str = "cpu",
+    dtype: str = "auto",
+):
     """Load the models and the target's tokenizer into an engine (the draft must share the vocabulary).
 
     ``batch_invariant``: the target runs so that a request's logits do not depend on the other rows
     of its passes (llama.cpp: no one-token pass, see ``runtime/llama_cpp_model.py``). The draft
-    never needs it: its proposals are checked by the target.
+    never needs it: its proposals are checked by the target. ``device`` ('cpu', 'cuda:N') and
+    ``dtype`` ('auto': bf16 on a CUDA device with native bf16, else float32) place PyTorch models.
     """
+    from slimline.devices import inference_dtype
     from slimline.models import load_tokenizer
     from slimline.runtime import model_folder, open_model
     from slimline.serve.engine import Engine
@@ -30,11 +39,19 @@ def build_engine(pair: ServeBundle, max_active: int, max_batch: int | None = Non
         draft_tokenizer = load_tokenizer(model_folder(pair.draft))
         check_same_vocabulary(tokenizer, draft_tokenizer, pair.target, pair.draft)
     shares_cores = pair.draft is not None
+    place = {"device": device, "dtype": inference_dtype(dtype, device)}
     target_model = open_model(
-        pair.target, max_sequences=max_active, shares_cores=shares_cores, serving=True, batch_invariant=batch_invariant
+        pair.target,
+        max_sequences=max_active,
+        shares_cores=shares_cores,
+        serving=True,
+        batch_invariant=batch_invariant,
+        **place,
     )
     draft_model = (
-        open_model(pair.draft, max_sequences=max_active, shares_cores=True, serving=True, batch_invariant=False)
+        open_model(
+            pair.draft, max_sequences=max_active, shares_cores=True, serving=True, batch_invariant=False, **place
+        )
         if pair.draft
         else None
     )
@@ -74,11 +91,16 @@ def serve(
     shutdown_grace_seconds: float = 10.0,
     limits: ServerLimits | None = None,
     batch_invariant: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> None:
     """Serve until interrupted; SIGINT/SIGTERM finish in-flight requests for up to the grace period.
 
     ``limits`` bound what clients may send and hold (docs/serving.md, "Limits"); default ServerLimits().
+    ``device`` and ``dtype`` place PyTorch models (``slimline.devices``).
     """
+    from slimline.devices import describe_device, device_problem, resolve_device
+
     missing = [name for name in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
     if missing:
         raise SlimlineError(f"serving needs {', '.join(missing)}: pip install 'slimline[serve]'")
@@ -89,6 +111,10 @@ def serve(
     from slimline.serve.folders import check_serving_folder, load_errors
 
     limits = limits or ServerLimits()
+    device = resolve_device(device)
+    problem = device_problem(device)
+    if problem:
+        raise SlimlineError(f"--device: {problem}")
     name = model_name or target.name
     check_serving_folder(target, "target")
     pair = resolve_pair(target, draft, k, adaptive)
@@ -96,14 +122,15 @@ def serve(
         if folder is not None:
             check_serving_folder(folder, role)
     with load_errors(pair.target, "target or draft"):
-        engine = build_engine(pair, max_active, max_batch, batch_invariant)
+        engine = build_engine(pair, max_active, max_batch, batch_invariant, device, dtype)
     app = create_app(engine, name, api_key, shutdown_grace_seconds, limits)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use it", host)
     log.info(
-        "serving %s (%s%s) on http://%s:%d",
+        "serving %s (%s on %s%s) on http://%s:%d",
         name,
         engine.target.backend,
+        describe_device(engine.target.device),
         f", draft {pair.draft.name} k={pair.k}{' adaptive' if pair.adaptive else ''}" if pair.draft else ", no draft",
         host,
         port,

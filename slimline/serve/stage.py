@@ -4,7 +4,7 @@ The stage reads the target (its ``from:``) and the draft (``params.draft``, a st
 earlier in the file; any two formats the runtime layer runs: ``hf``, ``torch-int8``, GPTQ,
 ``onnx``, ``gguf``, ``tensorrt``, sharing a tokenizer), decodes real
 calibration-split prompts greedily with the target alone and speculatively, checks the outputs
-are identical, and writes ``serve.json``: the pair, k and whether it adapts. Format ``serve``;
+are identical (in float32 where the server would run bf16: see ``measure_pair``), and writes ``serve.json``: the pair, k and whether it adapts. Format ``serve``;
 the evaluator measures it like any artifact, through a speculative backend (accuracy is the
 target's; decode speed is what the pair delivers). ``slimline serve runs/<name>/stages/<id>``
 serves it.
@@ -80,7 +80,7 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
         )
     except ArtifactError as error:
         raise StageError(str(error)) from error
-    metrics = measure_pair(target.path, draft.path, ctx.data.stream("calibration"), params)
+    metrics = measure_pair(target.path, draft.path, ctx.data.stream("calibration"), params, ctx.device)
     if metrics["identical_prompts"] != params.check_prompts:
         raise StageError(
             f"speculative greedy output differed from the target's on {params.check_prompts - metrics['identical_prompts']}"
@@ -96,16 +96,41 @@ def run(params: Params, inputs: list[Artifact], ctx: StageContext) -> StageOutpu
     return StageOutput(format="serve", metrics=metrics)
 
 
-def measure_pair(target_path: Path, draft_path: Path, stream: torch.Tensor, params: Params) -> dict:
-    """Target-only and speculative greedy decoding of the same prompts: rates, acceptance, exactness."""
+def measure_pair(
+    target_path: Path, draft_path: Path, stream: torch.Tensor, params: Params, device: str = "cpu"
+) -> dict:
+    """Target-only and speculative greedy decoding of the same prompts: rates, acceptance, exactness.
+
+    Measured as ``slimline serve --device`` runs the pair by default: on a GPU in bf16. bf16 rounds
+    a k+1-token verification pass differently from a one-token pass, so a near tie can flip a
+    token; there the outputs are compared again in float32, where speculative decoding must give
+    the target's tokens exactly, and the bf16 count is reported beside it.
+    """
+    from slimline.devices import inference_dtype
+
+    step = max(1, (stream.numel() - 64) // params.check_prompts)
+    prompts = [stream[i * step : i * step + 64].tolist() for i in range(params.check_prompts)]
+    dtype = inference_dtype("auto", device)
+    figures = decode_both_ways(target_path, draft_path, prompts, params, device, dtype)
+    plain, speculative = figures["target_only_tokens_per_s"], figures["speculative_tokens_per_s"]
+    log.info("serve: target-only %.1f tok/s, speculative %.1f tok/s (%.2fx)", plain, speculative, speculative / plain)
+    if dtype != torch.float32 and figures["backend"] == "pytorch":
+        exact = decode_both_ways(target_path, draft_path, prompts, params, device, torch.float32)
+        figures[f"identical_prompts_{figures['dtype']}"] = figures["identical_prompts"]
+        figures["identical_prompts"] = exact["identical_prompts"]
+    return figures
+
+
+def decode_both_ways(
+    target_path: Path, draft_path: Path, prompts: list[list[int]], params: Params, device: str, dtype: torch.dtype
+) -> dict:
+    """Each prompt decoded greedily by the target alone and speculatively: medians and identical outputs."""
     from slimline.runtime import open_model
     from slimline.serve.speculative import DraftLength, timed_greedy
 
     # as the server runs them: llama.cpp's exactness across pass shapes is the server's (batch invariance)
-    target = open_model(target_path, shares_cores=True, serving=True)
-    draft = open_model(draft_path, shares_cores=True, serving=True, batch_invariant=False)
-    step = max(1, (stream.numel() - 64) // params.check_prompts)
-    prompts = [stream[i * step : i * step + 64].tolist() for i in range(params.check_prompts)]
+    target = open_model(target_path, shares_cores=True, serving=True, device=device, dtype=dtype)
+    draft = open_model(draft_path, shares_cores=True, serving=True, batch_invariant=False, device=device, dtype=dtype)
     plain_rates, speculative_rates, acceptance, identical = [], [], [], 0
     tuning = DraftLength(params.k, params.adaptive)
     for prompt in prompts:
@@ -119,7 +144,6 @@ def measure_pair(target_path: Path, draft_path: Path, stream: torch.Tensor, para
     target.close()
     draft.close()
     plain, speculative = statistics.median(plain_rates), statistics.median(speculative_rates)
-    log.info("serve: target-only %.1f tok/s, speculative %.1f tok/s (%.2fx)", plain, speculative, speculative / plain)
     return {
         "target_only_tokens_per_s": plain,
         "speculative_tokens_per_s": speculative,
@@ -129,4 +153,6 @@ def measure_pair(target_path: Path, draft_path: Path, stream: torch.Tensor, para
         "check_prompts": params.check_prompts,
         "backend": target.backend,
         "draft_backend": draft.backend,
+        "device": target.device,
+        "dtype": str(dtype).removeprefix("torch.") if target.backend == "pytorch" else None,
     }

@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from slimline.cli import app
 from slimline.serve import deploy
 from slimline.serve.deploy import DeployOptions, write_deployment
 from tests.conftest import build_tiny_model
+from tests.serve.server_helpers import free_port
 
 pytestmark = pytest.mark.unit
 
@@ -322,13 +322,6 @@ def llama_server_binary() -> Path | None:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
-
-
-def free_port() -> int:
-    """An unused localhost port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_health(url: str, server: subprocess.Popen, log: Path, seconds: float = 120) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,51 +12,17 @@ from pathlib import Path
 import httpx2 as httpx  # the HTTP client the openai package itself uses
 import openai
 import pytest
-import uvicorn
 
 from slimline.serve.app import create_app
 from slimline.serve.bundle import ServeBundle
-from slimline.serve.connections import uvicorn_config
-from slimline.serve.limits import ServerLimits
 from slimline.serve.server import build_engine
 from tests.conftest import build_tiny_model
+from tests.serve.server_helpers import RunningServer
 
 pytestmark = pytest.mark.e2e
 
 API_KEY = "test-key-123"
 MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RunningServer:
-    """uvicorn serving the app in a background thread on a free localhost port (guarded when given limits)."""
-
-    def __init__(self, app, limits: ServerLimits | None = None) -> None:
-        self.port = free_port()
-        if limits is None:
-            config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        else:  # slimline's guarded protocol, as `slimline serve` runs it
-            config = uvicorn_config(app, "127.0.0.1", self.port, limits, log_level="error")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ class RuntimeBackend(Backend):
     def __init__(self, model: RuntimeModel) -> None:
         self.model = model
         self.name = model.backend
+        self.device = model.device
         self.sequence = None
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -62,11 +63,11 @@ class RuntimeBackend(Backend):
             self.sequence = None
 
 
-def open_backend(artifact: Artifact) -> Backend:
-    """Load the artifact into the backend that runs its format."""
+def open_backend(artifact: Artifact, device: str = "cpu") -> Backend:
+    """Load the artifact into the backend that runs its format (PyTorch models onto ``device``)."""
     backend_name(artifact)
     if artifact.format == "serve":
         from slimline.evaluate.backends.speculative_backend import SpeculativeBackend
 
-        return SpeculativeBackend(artifact.path)
-    return RuntimeBackend(open_model(artifact.path))
+        return SpeculativeBackend(artifact.path, device)
+    return RuntimeBackend(open_model(artifact.path, device=device))

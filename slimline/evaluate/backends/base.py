@@ -11,6 +11,7 @@ class Backend(ABC):
     """Runs one artifact: full-sequence logits for accuracy, prefill + decode steps for latency."""
 
     name: str
+    device: str = "cpu"  # where the model runs: 'cpu' or 'cuda:N'
 
     @abstractmethod
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

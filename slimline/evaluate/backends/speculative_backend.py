@@ -28,14 +28,15 @@ class SpeculativeBackend(Backend):
 
     name = "speculative"
 
-    def __init__(self, folder: Path) -> None:
-        """Open the target and draft a serve artifact names (they take turns on the same cores)."""
+    def __init__(self, folder: Path, device: str = "cpu") -> None:
+        """Open the target and draft a serve artifact names (they take turns on the same cores or GPU)."""
         bundle = read_bundle(folder)
         if bundle.draft is None:
             raise ArtifactError(f"{folder} names no draft model: a speculative backend needs one")
         # two sequences each: the latency lane, and the scoring of windows while it is open
-        self.target = open_model(bundle.target, max_sequences=2, shares_cores=True)
-        self.draft = open_model(bundle.draft, max_sequences=2, shares_cores=True)
+        self.target = open_model(bundle.target, max_sequences=2, shares_cores=True, device=device)
+        self.draft = open_model(bundle.draft, max_sequences=2, shares_cores=True, device=device)
+        self.device = self.target.device
         self.name = f"speculative ({self.target.backend})"
         self.draft_length = DraftLength(bundle.k, bundle.adaptive)
         self.lane: Lane | None = None

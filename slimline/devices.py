@@ -1,0 +1,98 @@
+"""Where work runs: the CPU or a CUDA device, per stage, for evaluation and for the server.
+
+A pipeline asks per stage with ``device:`` (and for evaluation with ``evaluate: {device: ...}``):
+``auto`` (the default) is the first visible CUDA device where there is one and the work can run
+on it, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given. A stage kind says in its
+``StageSpec.device`` where it can run: ``cpu`` kinds (torch.ao int8, llama.cpp's converter, ...)
+always run on the CPU, ``any`` kinds follow the request, ``cuda`` kinds need a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # validation imports this module; torch loads only when a device is resolved
+    import torch
+
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICE_HELP = "auto (a CUDA GPU where one is visible, else the CPU), cpu, cuda or cuda:N"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_device_name(value: str) -> str:
+    """A pydantic validator's check: one of auto, cpu, cuda, cuda:N."""
+    if not DEVICE_NAME.match(value):
+        raise ValueError(f"expected {DEVICE_HELP}")
+    return value
+
+
+def check_dtype_name(value: str) -> str:
+    """One of DTYPES."""
+    if value not in DTYPES:
+        raise ValueError(f"expected one of {', '.join(DTYPES)}, got {value!r}")
+    return value
+
+
+def cuda_devices() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(requested: str, runs_on: str = "any") -> str:
+    """The device a piece of work runs on: 'cpu', 'cuda:N'.
+
+    ``runs_on`` is where the work can run (a StageSpec's device): 'cpu' work stays on the CPU
+    whatever was asked (validation refuses an explicit CUDA request for it), 'cuda' work needs a GPU.
+    """
+    if runs_on == "cpu" or requested == "cpu":
+        return "cpu"
+    if requested == "auto" and runs_on != "cuda":
+        return "cuda:0" if cuda_devices() else "cpu"
+    return "cuda:0" if requested in ("auto", "cuda") else requested
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (a resolved name) cannot be used here, or None."""
+    if device == "cpu":
+        return None
+    count = cuda_devices()
+    index = int(device.partition(":")[2] or 0)
+    if count == 0:
+        return f"{device} was asked for and no CUDA GPU is visible"
+    if index >= count:
+        return f"{device} was asked for and this process sees {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+    return None
+
+
+def describe_device(device: str) -> str:
+    """'cuda:0 (NVIDIA H200)', or 'cpu'."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+
+
+def inference_dtype(requested: str, device: str) -> torch.dtype:
+    """The dtype a model is served in: ``auto`` is bf16 on a CUDA device that computes it natively, else float32.
+
+    CPUs keep float32 for serving: even with native bf16 the dense runtimes here are tuned for it,
+    and an emulated bf16 matmul is tens of times slower (slimline/hardware.py).
+    """
+    import torch
+
+    if requested == "auto":
+        native = device != "cpu" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for a CUDA device's queued work (before reading a clock); nothing on the CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
