@@ -10,6 +10,7 @@ always run on the CPU, ``any`` kinds follow the request, ``cuda`` kinds need a G
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # validation imports this module; torch loads only when a device is resolved
@@ -18,6 +19,8 @@ if TYPE_CHECKING:  # validation imports this module; torch loads only when a dev
 DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DEVICE_HELP = "auto (a CUDA GPU where one is visible, else the CPU), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# ``--dtype auto`` serves in float32 while the float32 weights take at most this share of the GPU's free memory.
+FLOAT32_SHARE_OF_FREE_GPU = 0.5
 
 
 def check_device_name(value: str) -> str:
@@ -76,18 +79,39 @@ def describe_device(device: str) -> str:
     return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
 
 
-def inference_dtype(requested: str, device: str) -> torch.dtype:
-    """The dtype a model is served in: ``auto`` is bf16 on a CUDA device that computes it natively, else float32.
+def inference_dtype(requested: str, device: str, float32_bytes: int | None = None) -> torch.dtype:
+    """The dtype PyTorch models are served in; ``auto`` is float32 unless its weights crowd the GPU.
 
-    CPUs keep float32 for serving: even with native bf16 the dense runtimes here are tuned for it,
-    and an emulated bf16 matmul is tens of times slower (slimline/hardware.py).
+    Measured on an H200 (benchmarks/results/gpu_dtype.md): slimline's eager PyTorch decoding ran
+    bf16 at 0.79-1.15x the float32 speed, from 36M to 6.7B parameters, one row or 16: it is bound
+    by kernel launches, not by the bytes it reads, so bf16 buys memory and costs exactness (a
+    near tie can flip between pass shapes). So ``auto`` keeps float32 (and the CPU always) and
+    takes bf16 (fp16 on a GPU without bf16) only where the float32 weights (``float32_bytes``)
+    would take more than half the device's free memory.
     """
     import torch
 
-    if requested == "auto":
-        native = device != "cpu" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if native else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    if requested != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    if device == "cpu" or float32_bytes is None:
+        return torch.float32
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if float32_bytes <= FLOAT32_SHARE_OF_FREE_GPU * free:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def float32_weight_bytes(folder: Path) -> int | None:
+    """What a checkpoint folder's safetensors weights take in float32 (None: no such weights)."""
+    import json
+
+    files = list(folder.glob("*.safetensors"))
+    if not files or not (folder / "config.json").exists():
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
+    width = 2 if stored in ("float16", "bfloat16") else 4
+    return sum(file.stat().st_size for file in files) * 4 // width
 
 
 def synchronize(device: str | torch.device) -> None:

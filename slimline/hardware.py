@@ -1,7 +1,7 @@
 """What this machine can run fast: CPU features, and the training precision chosen from them.
 
-bf16 is only a speed-up where the hardware computes it natively: CUDA devices with bf16, and
-CPUs with AMX or AVX512-BF16. Elsewhere (an AVX2-only CPU, say) PyTorch emulates it and a bf16
+bf16 is only a speed-up where the hardware computes it natively: CUDA devices with bf16 (for
+steps large enough to be bound by arithmetic), and CPUs with AMX or AVX512-BF16. Elsewhere (an AVX2-only CPU, say) PyTorch emulates it and a bf16
 matmul measured 37x slower than float32. So ``precision: auto`` picks bf16 only where the
 capability flags say it is native *and* a one-off micro-benchmark, cached per machine, confirms
 that it is not slower than float32; otherwise float32. The choice and its reason go into the
@@ -34,6 +34,12 @@ BENCH_SHAPE = (128, 256, 384)
 BENCH_REPEATS = 7
 
 Precision = Literal["auto", "bf16", "fp32"]
+# On a GPU, bf16 autocast pays once a training step is bound by arithmetic, not by kernel launches.
+# Measured on an H200 through train_steps (full fine-tuning, 1024 tokens a step;
+# benchmarks/results/gpu_dtype.md): bf16 ran at 0.59x the fp32 speed with 36M parameters, 0.96x
+# with 163M and 2.04x with 1.78B. Below this many parameter-tokens per micro-batch, autocast's
+# casts only add launches to a launch-bound step.
+BF16_MIN_PARAMETER_TOKENS = 2e11
 
 
 @dataclass(frozen=True)
@@ -110,18 +116,32 @@ def safe_int8_weight_bits(flags: frozenset[str] | None = None) -> int:
 
 
 def decide_precision(
-    requested: Precision, *, cuda_bf16: bool | None, native_bf16: bool, bf16_slowdown: float | None
+    requested: Precision,
+    *,
+    cuda_bf16: bool | None,
+    native_bf16: bool,
+    bf16_slowdown: float | None,
+    parameter_tokens: float | None = None,
 ) -> PrecisionChoice:
     """The precision to train in: the decision alone, from what was detected and measured.
 
     ``cuda_bf16`` is None on a CPU run; ``bf16_slowdown`` is bf16 time over float32 time of the
-    micro-benchmark (None where it was not measured).
+    micro-benchmark (None where it was not measured); ``parameter_tokens`` is the model's
+    parameters times the tokens of one micro-batch, the size of a step (None: unknown).
     """
     if cuda_bf16 is not None:
-        if requested == "auto":
-            chosen = "bf16" if cuda_bf16 else "fp32"
-            return PrecisionChoice(requested, chosen, f"CUDA device {'with' if cuda_bf16 else 'without'} bf16")
-        return PrecisionChoice(requested, requested, "as requested")
+        if requested != "auto":
+            return PrecisionChoice(requested, requested, "as requested")
+        if not cuda_bf16:
+            return PrecisionChoice(requested, "fp32", "CUDA device without bf16")
+        if parameter_tokens is not None and parameter_tokens < BF16_MIN_PARAMETER_TOKENS:
+            return PrecisionChoice(
+                requested,
+                "fp32",
+                f"CUDA device with bf16, but a step of {parameter_tokens:.1e} parameter-tokens is bound by kernel "
+                f"launches: bf16 autocast measured slower than fp32 below {BF16_MIN_PARAMETER_TOKENS:.0e}",
+            )
+        return PrecisionChoice(requested, "bf16", "CUDA device with bf16")
     measured = f"; bf16 matmul measured {bf16_slowdown:.2f}x the float32 time" if bf16_slowdown else ""
     if requested == "fp32":
         return PrecisionChoice(requested, "fp32", "as requested", bf16_slowdown)
@@ -135,11 +155,20 @@ def decide_precision(
     return PrecisionChoice(requested, "bf16", f"native bf16 (AVX512-BF16 or AMX){measured}", bf16_slowdown)
 
 
-def choose_precision(requested: Precision, device: str = "cpu") -> PrecisionChoice:
-    """Decide the training precision for ``device`` ('cpu', 'cuda:N'); warn when an explicit bf16 will be slow."""
+def choose_precision(
+    requested: Precision, device: str = "cpu", parameter_tokens: float | None = None
+) -> PrecisionChoice:
+    """Decide the training precision for ``device`` ('cpu', 'cuda:N'); warn when an explicit bf16 will be slow.
+
+    ``parameter_tokens`` (parameters x tokens per micro-batch) decides ``auto`` on a GPU.
+    """
     if device != "cpu":
         return decide_precision(
-            requested, cuda_bf16=torch.cuda.is_bf16_supported(), native_bf16=False, bf16_slowdown=None
+            requested,
+            cuda_bf16=torch.cuda.is_bf16_supported(),
+            native_bf16=False,
+            bf16_slowdown=None,
+            parameter_tokens=parameter_tokens,
         )
     native = has_native_bf16(cpu_flags())
     slowdown = measured_bf16_slowdown() if requested != "fp32" else None

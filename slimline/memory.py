@@ -428,7 +428,7 @@ def estimate_stage_memory(
     launch = getattr(stage, "launch", None)
     device = "cpu" if device == "cpu" else "cuda"
     parent_figures, output_figures = model_figures(parent), model_figures(output)
-    train = training_of(stage.kind, params, launch, device)
+    train = training_of(stage.kind, params, launch, device, parent_figures.parameters)
     if stage.kind == "serve":
         context = SERVE_PROMPT_TOKENS + params.check_new_tokens + params.k
         parts = serving_parts(
@@ -464,8 +464,13 @@ def estimate_stage_memory(
     )
 
 
-def training_of(kind: str, params: Any, launch: Any, device: str) -> TrainPlan | None:
-    """The training settings of a training stage, per process (None when it does not train)."""
+def training_of(kind: str, params: Any, launch: Any, device: str, parameters: int = 0) -> TrainPlan | None:
+    """The training settings of a training stage, per process (None when it does not train).
+
+    ``parameters``: the trained model's, which decide ``precision: auto`` on a GPU as training will.
+    """
+    from slimline.hardware import BF16_MIN_PARAMETER_TOKENS
+
     if kind not in TRAINING_KINDS:
         return None
     settings = params.recovery if kind == "prune.structured" else params
@@ -473,7 +478,10 @@ def training_of(kind: str, params: Any, launch: Any, device: str) -> TrainPlan |
         return None
     world = launch.world_size if launch is not None else 1
     # auto is estimated as fp32 on a CPU: there it picks bf16 only after a micro-benchmark at training time
-    bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device == "cuda")
+    step_size = parameters * max(1, settings.batch_size // world) * settings.sequence_length
+    bf16 = settings.precision == "bf16" or (
+        settings.precision == "auto" and device == "cuda" and step_size >= BF16_MIN_PARAMETER_TOKENS
+    )
     return TrainPlan(
         batch_size=max(1, settings.batch_size // world),
         sequence_length=settings.sequence_length,

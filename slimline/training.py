@@ -63,9 +63,9 @@ class TrainSettings(Launchable):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     precision: Precision = Field(
         "auto",
-        description="auto: bf16 autocast where the hardware runs it natively (CUDA bf16, CPUs with AMX or "
-        "AVX512-BF16, confirmed by a cached micro-benchmark), else fp32; bf16 forces it (emulated bf16 can be "
-        "tens of times slower); fp32 is exact.",
+        description="auto: bf16 autocast where the hardware runs it natively and it pays (a CUDA GPU with bf16, "
+        "for steps of 2e11 parameter-tokens or more; CPUs with AMX or AVX512-BF16, confirmed by a cached "
+        "micro-benchmark), else fp32; bf16 forces it (emulated bf16 can be tens of times slower); fp32 is exact.",
     )
 
 
@@ -188,7 +188,10 @@ def train_steps(
     generator = torch.Generator().manual_seed(ctx.seed)
     every = max(1, settings.steps // LOSS_CURVE_POINTS)
     device = next(model.parameters()).device
-    precision = choose_precision(settings.precision, str(device))
+    step_size = (
+        sum(p.numel() for p in model.parameters()) * settings.batch_size // shard.world * settings.sequence_length
+    )
+    precision = choose_precision(settings.precision, str(device), step_size)
     ctx.records["precision"] = precision.as_record()
     curve, window = [], []
     model.train()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from slimline.config import load_pipeline
-from slimline.devices import device_problem, inference_dtype, resolve_device
+from slimline.devices import device_problem, float32_weight_bytes, inference_dtype, resolve_device
 from slimline.errors import ConfigError, PreflightError
 from slimline.runner import Runner
 from tests.conftest import write_pipeline
@@ -44,8 +44,22 @@ def test_auto_is_the_cpu_here_and_cuda_is_refused_with_the_reason() -> None:
     assert resolve_device("auto", "any") == "cpu"
     assert device_problem("cpu") is None
     assert "no CUDA GPU is visible" in device_problem("cuda:0")
-    assert inference_dtype("auto", "cpu") == torch.float32
+    assert inference_dtype("auto", "cpu", 10**12) == torch.float32
     assert inference_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+@pytest.mark.unit
+def test_float32_weight_bytes_reads_the_stored_dtype(tiny_model: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    stored = sum(file.stat().st_size for file in tiny_model.glob("*.safetensors"))
+    assert float32_weight_bytes(tiny_model) == stored  # saved in float32
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text('{"dtype": "bfloat16"}')
+    save_file({"w": torch.zeros(1000, dtype=torch.bfloat16)}, half / "model.safetensors")
+    assert float32_weight_bytes(half) == (half / "model.safetensors").stat().st_size * 2
+    assert float32_weight_bytes(tmp_path) is None
 
 
 @pytest.mark.unit

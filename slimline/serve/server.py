@@ -29,7 +29,7 @@ def build_engine(
     never needs it: its proposals are checked by the target. ``device`` ('cpu', 'cuda:N') and
     ``dtype`` ('auto': bf16 on a CUDA device with native bf16, else float32) place PyTorch models.
     """
-    from slimline.devices import inference_dtype
+    from slimline.devices import float32_weight_bytes, inference_dtype
     from slimline.models import load_tokenizer
     from slimline.runtime import model_folder, open_model
     from slimline.serve.engine import Engine
@@ -39,7 +39,8 @@ def build_engine(
         draft_tokenizer = load_tokenizer(model_folder(pair.draft))
         check_same_vocabulary(tokenizer, draft_tokenizer, pair.target, pair.draft)
     shares_cores = pair.draft is not None
-    place = {"device": device, "dtype": inference_dtype(dtype, device)}
+    target_weights = float32_weight_bytes(model_folder(pair.target))
+    place = {"device": device, "dtype": inference_dtype(dtype, device, target_weights)}
     target_model = open_model(
         pair.target,
         max_sequences=max_active,

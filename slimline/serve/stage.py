@@ -2,10 +2,10 @@
 
 The stage reads the target (its ``from:``) and the draft (``params.draft``, a stage defined
 earlier in the file; any two formats the runtime layer runs: ``hf``, ``torch-int8``, GPTQ,
-``onnx``, ``gguf``, ``tensorrt``, sharing a tokenizer), decodes real
-calibration-split prompts greedily with the target alone and speculatively, checks the outputs
-are identical (in float32 where the server would run bf16: see ``measure_pair``), and writes ``serve.json``: the pair, k and whether it adapts. Format ``serve``;
-the evaluator measures it like any artifact, through a speculative backend (accuracy is the
+``onnx``, ``gguf``, ``tensorrt``, sharing a tokenizer), decodes real calibration-split prompts
+greedily with the target alone and speculatively, checks the outputs are identical (in float32
+where the server would run bf16: see ``measure_pair``), and writes ``serve.json``: the pair, k
+and whether it adapts. Format ``serve``; the evaluator measures it like any artifact, through a speculative backend (accuracy is the
 target's; decode speed is what the pair delivers). ``slimline serve runs/<name>/stages/<id>``
 serves it.
 
@@ -101,16 +101,18 @@ def measure_pair(
 ) -> dict:
     """Target-only and speculative greedy decoding of the same prompts: rates, acceptance, exactness.
 
-    Measured as ``slimline serve --device`` runs the pair by default: on a GPU in bf16. bf16 rounds
-    a k+1-token verification pass differently from a one-token pass, so a near tie can flip a
-    token; there the outputs are compared again in float32, where speculative decoding must give
-    the target's tokens exactly, and the bf16 count is reported beside it.
+    Measured as ``slimline serve --device`` runs the pair by default (``inference_dtype``: float32,
+    or bf16 on a GPU where float32 weights would crowd it). bf16 rounds a k+1-token verification
+    pass differently from a one-token pass, so a near tie can flip a token; there the outputs are
+    compared again in float32, where speculative decoding must give the target's tokens exactly,
+    and the bf16 count is reported beside it.
     """
-    from slimline.devices import inference_dtype
+    from slimline.devices import float32_weight_bytes, inference_dtype
+    from slimline.runtime import model_folder
 
     step = max(1, (stream.numel() - 64) // params.check_prompts)
     prompts = [stream[i * step : i * step + 64].tolist() for i in range(params.check_prompts)]
-    dtype = inference_dtype("auto", device)
+    dtype = inference_dtype("auto", device, float32_weight_bytes(model_folder(target_path)))
     figures = decode_both_ways(target_path, draft_path, prompts, params, device, dtype)
     plain, speculative = figures["target_only_tokens_per_s"], figures["speculative_tokens_per_s"]
     log.info("serve: target-only %.1f tok/s, speculative %.1f tok/s (%.2fx)", plain, speculative, speculative / plain)

@@ -84,24 +84,33 @@ def test_lora_on_cuda_trains_to_the_cpu_weights(tiny_model: Path, tmp_path: Path
     assert abs(gpu["stage_metrics"]["final_loss"] - cpu["stage_metrics"]["final_loss"]) < 1e-3
 
 
-def test_distill_on_cuda_trains_in_native_bf16(tiny_model: Path, tmp_path: Path) -> None:
+def test_distill_on_cuda_trains_in_bf16_where_asked_and_auto_keeps_fp32_for_a_tiny_step(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    student = "student: {layers: 1}, steps: 30, batch_size: 4, sequence_length: 32, learning_rate: 1.0e-3"
     stages = run(
         tmp_path,
         tiny_model,
-        """\
-  - id: student
+        f"""\
+  - id: bf16
     kind: distill
-    params: {student: {layers: 1}, steps: 30, batch_size: 4, sequence_length: 32, learning_rate: 1.0e-3}
-    check: {enabled: false}
+    params: {{{student}, precision: bf16}}
+    check: {{enabled: false}}
+  - id: auto
+    kind: distill
+    from: input
+    params: {{{student}}}
+    check: {{enabled: false}}
 """,
     )
-    metrics = report(stages, "student")["stage_metrics"]
-    assert metrics["device"].startswith("cuda:0")
-    assert metrics["precision"]["chosen"] == "bf16" and "CUDA device with bf16" in metrics["precision"]["reason"]
-    curve = metrics["loss_curve"]
+    bf16 = report(stages, "bf16")["stage_metrics"]
+    assert bf16["device"].startswith("cuda:0") and bf16["precision"]["chosen"] == "bf16"
+    curve = bf16["loss_curve"]
     assert all(value == value for value in curve)  # no NaN
     assert sum(curve[-5:]) < sum(curve[:5])  # falling
-    assert 0 <= metrics["top1_agreement_with_teacher"] <= 1
+    assert 0 <= bf16["top1_agreement_with_teacher"] <= 1
+    auto = report(stages, "auto")["stage_metrics"]["precision"]  # a 0.3M-parameter model x 128 tokens
+    assert auto["chosen"] == "fp32" and "bound by kernel launches" in auto["reason"]
 
 
 def test_structured_recovery_and_qat_train_on_cuda(tiny_model: Path, tmp_path: Path) -> None:
