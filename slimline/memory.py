@@ -393,6 +393,48 @@ def serving_parts(target: ModelFigures, draft: ModelFigures, max_batch: int, con
     return {"weights": target.parameters * FP32, "draft": draft.parameters * FP32, "kv_cache": cache}
 
 
+@dataclass(frozen=True)
+class ServingMemory:
+    """What ``slimline serve`` holds: the weights of its models, and KV cache bytes per cached token."""
+
+    weights: int  # target and draft, as their runtimes load them
+    cache_per_token: int  # both models' keys and values of one token (0 where no config tells)
+    context: int  # tokens one request may hold: prompt + generated
+    max_active: int
+
+    def one_request(self) -> int:
+        """Weights and one request at full context: the least the server needs."""
+        return self.weights + self.cache_per_token * self.context
+
+    def all_requests(self) -> int:
+        """Weights and every slot at full context: the most it can come to."""
+        return self.weights + self.cache_per_token * self.context * self.max_active
+
+
+def serving_memory(folders: list[Path], max_active: int, context: int) -> ServingMemory:
+    """The serving figures of a target and draft (artifact or checkpoint folders), from their files and configs.
+
+    Safetensors weights count as float32 (the PyTorch runtime's dtype), ONNX and GGUF files as they
+    are; KV caches are float32, f16 for llama.cpp.
+    """
+    from slimline.devices import float32_weight_bytes
+    from slimline.models import checkpoint_shape
+    from slimline.runtime import model_folder
+
+    weights = cache = 0
+    for folder in folders:
+        checkpoint = model_folder(folder)
+        gguf = (folder / "model.gguf").exists()
+        files = [*folder.glob("*.onnx"), *folder.glob("*.onnx.data"), *folder.glob("*.gguf")]
+        weights += sum(f.stat().st_size for f in files) if files else (float32_weight_bytes(checkpoint) or 0)
+        try:
+            figures = model_figures(checkpoint_shape(checkpoint))
+        except Exception:  # no config (a bare GGUF folder) or one the meta build cannot take: no cache figure
+            continue
+        cache += 2 * figures.layers * figures.kv * (BF16 if gguf else FP32)
+    return ServingMemory(weights, cache, context, max_active)
+
+
 def output_bytes(kind: str, params: Any, output: ModelFigures) -> float:
     """Bytes of the stage's output model once loaded for the output check (quantized linears stay small)."""
     linear = output.linear_parameters()

@@ -6,6 +6,7 @@ that a machine without a GPU must make, before any work starts.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,30 @@ def test_slimline_serve_refuses_a_device_it_does_not_have(tiny_model: Path) -> N
     missing = serve("--device", "cuda")
     assert missing.returncode == 2 and "no CUDA GPU is visible" in missing.stderr + missing.stdout
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.unit
+def test_serving_memory_counts_float32_weights_and_both_caches(tiny_model: Path) -> None:
+    from transformers import AutoConfig
+
+    from slimline.memory import serving_memory
+
+    estimate = serving_memory([tiny_model, tiny_model], max_active=4, context=256)
+    stored = sum(file.stat().st_size for file in tiny_model.glob("*.safetensors"))
+    assert estimate.weights == 2 * stored  # two float32 checkpoints
+    config = AutoConfig.from_pretrained(tiny_model)
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_model = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # keys and values, fp32
+    assert estimate.cache_per_token == 2 * per_model
+    assert estimate.one_request() == 2 * stored + 2 * per_model * 256
+    assert estimate.all_requests() == 2 * stored + 2 * per_model * 256 * 4
+
+
+@pytest.mark.e2e
+def test_slimline_serve_refuses_a_pair_that_cannot_fit_before_loading(tiny_model: Path) -> None:
+    command = [sys.executable, "-m", "slimline.cli", "serve", str(tiny_model), "--device", "cpu"]
+    env = {**os.environ, "SLIMLINE_MEMORY_BYTES": "100000", "HF_HUB_OFFLINE": "1"}
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    output = refused.stderr + refused.stdout
+    assert refused.returncode == 2 and "Traceback" not in output
+    assert "serving needs about" in output and "one 256-token request" in output and "0.00 GB is available" in output

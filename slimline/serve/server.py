@@ -67,6 +67,55 @@ def build_engine(
     )
 
 
+def check_memory(pair: ServeBundle, max_active: int, limits: ServerLimits, device: str) -> None:
+    """Refuse a pair that cannot serve one full-context request in the free memory, before it loads.
+
+    Warn where every slot at full context could exceed it. PyTorch models on a GPU count against
+    its memory, everything else against the machine's.
+    """
+    from slimline.memory import MEMORY_ENV, free_memory, gb, serving_memory
+    from slimline.runtime import artifact_format, model_folder
+
+    folders = [folder for folder in (pair.target, pair.draft) if folder is not None]
+    context = checkpoint_context(model_folder(pair.target))
+    if limits.max_prompt_tokens is not None and limits.max_tokens is not None:
+        context = min(context, limits.max_prompt_tokens + limits.max_tokens)
+    on_gpu = device != "cpu" and artifact_format(pair.target) in ("hf", "source", "peft")
+    free = free_memory("cuda" if on_gpu else "cpu")
+    estimate = serving_memory(folders, max_active, context)
+    where = "free on the GPU" if on_gpu else "available"
+    if free is not None and estimate.one_request() > free:
+        raise SlimlineError(
+            f"serving needs about {gb(estimate.one_request())} GB (weights {gb(estimate.weights)} GB, one "
+            f"{context}-token request's KV cache {gb(estimate.cache_per_token * context)} GB) and {gb(free)} GB is "
+            f"{where}; "
+            f"fix: a smaller or quantized artifact (quantize.gguf, quantize.ptq), or set {MEMORY_ENV} if the "
+            "estimate is wrong"
+        )
+    if free is not None and estimate.all_requests() > free:
+        log.warning(
+            "at --max-active %d with full %d-token contexts the caches could reach %s GB (with the weights) and %s GB "
+            "is %s; "
+            "lower --max-active or cap requests with --limit max_prompt_tokens=... --limit max_tokens=...",
+            max_active,
+            context,
+            gb(estimate.all_requests()),
+            gb(free),
+            where,
+        )
+
+
+def checkpoint_context(folder: Path) -> int:
+    """The context length a checkpoint folder's config gives (2048 where it says none, as llama.cpp's default)."""
+    import json
+
+    try:
+        data = json.loads((folder / "config.json").read_text())
+        return int(data.get("max_position_embeddings") or data.get("n_positions") or 2048)
+    except (OSError, ValueError, TypeError, AttributeError):  # no config (a GGUF folder) or an odd one
+        return 2048
+
+
 def resolve_pair(target: Path, draft: Path | None, k: int | None, adaptive: bool | None) -> ServeBundle:
     """A ``serve`` artifact names its pair, k and adaptivity; explicit options (not None) win over it."""
     from slimline.runtime import artifact_format
@@ -122,6 +171,7 @@ def serve(
     for role, folder in (("target", pair.target), ("draft", pair.draft)):
         if folder is not None:
             check_serving_folder(folder, role)
+    check_memory(pair, max_active, limits, device)
     with load_errors(pair.target, "target or draft"):
         engine = build_engine(pair, max_active, max_batch, batch_invariant, device, dtype)
     app = create_app(engine, name, api_key, shutdown_grace_seconds, limits)
