@@ -406,8 +406,8 @@ def serve(
         str,
         typer.Option(
             callback=lambda value: checked_option(value, check_dtype_name),
-            help="PyTorch models' dtype: auto (bf16 on a CUDA GPU with native bf16, else float32), "
-            "float32, bfloat16 or float16.",
+            help="PyTorch models' dtype: auto (float32; bf16 where float32 weights would take over half the "
+            "GPU's free memory), float32, bfloat16 or float16.",
         ),
     ] = "auto",
     limit: Annotated[

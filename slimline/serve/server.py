@@ -27,7 +27,8 @@ def build_engine(
     ``batch_invariant``: the target runs so that a request's logits do not depend on the other rows
     of its passes (llama.cpp: no one-token pass, see ``runtime/llama_cpp_model.py``). The draft
     never needs it: its proposals are checked by the target. ``device`` ('cpu', 'cuda:N') and
-    ``dtype`` ('auto': bf16 on a CUDA device with native bf16, else float32) place PyTorch models.
+    ``dtype`` (``devices.inference_dtype``: 'auto' is float32 unless the weights crowd the GPU)
+    place PyTorch models.
     """
     from slimline.devices import float32_weight_bytes, inference_dtype
     from slimline.models import load_tokenizer
