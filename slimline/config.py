@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field
 from graphlib import TopologicalSorter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimline.devices import DEVICE_HELP, check_device_name
 from slimline.errors import ConfigError
@@ -39,6 +39,10 @@ MAX_PIPELINE_BYTES = 1_048_576
 MAX_YAML_DEPTH = 32  # nesting, aliases expanded; a real pipeline nests under 10 deep
 MAX_YAML_NODES = 50_000  # values, aliases expanded; a real pipeline has a few hundred
 MAX_OVERRIDE_CHARS = 65_536
+
+
+# auto, cpu, cuda or cuda:N (a stage's ``device:``, evaluation's ``device:``)
+DeviceName = Annotated[str, AfterValidator(check_device_name)]
 
 
 class Strict(BaseModel):
@@ -86,17 +90,11 @@ class EvaluateConfig(Strict):
 
     accuracy: AccuracySettings = AccuracySettings()
     latency: LatencySettings = LatencySettings()
-    device: str = Field(
+    device: DeviceName = Field(
         "auto",
         description=f"Where PyTorch artifacts are measured: {DEVICE_HELP}. ONNX and GGUF artifacts run on the CPU; "
         "the report names each artifact's device.",
     )
-
-    @field_validator("device")
-    @classmethod
-    def check_device(cls, value: str) -> str:
-        """auto, cpu, cuda or cuda:N."""
-        return check_device_name(value)
 
 
 class OutputCheckConfig(Strict):
@@ -164,7 +162,7 @@ class StageConfig(Strict):
         OutputCheckConfig(),
         description="Floors the output must meet against its parent on calibration tokens before it is published.",
     )
-    device: str = Field(
+    device: DeviceName = Field(
         "auto",
         description=f"Where the stage runs: {DEVICE_HELP}. Kinds that run on the CPU only (quantize.ptq, "
         "quantize.gguf, ...) refuse cuda.",
@@ -174,12 +172,6 @@ class StageConfig(Strict):
         description="Train data-parallel under torchrun (lora, distill, quantize.qat, prune.structured's recovery); "
         "the result is the same at any world size, so it is not part of the stage's cache key.",
     )
-
-    @field_validator("device")
-    @classmethod
-    def check_device(cls, value: str) -> str:
-        """auto, cpu, cuda or cuda:N."""
-        return check_device_name(value)
 
     @field_validator("id")
     @classmethod
@@ -395,9 +387,9 @@ def attach_launches(config: PipelineConfig, params: dict[str, BaseModel]) -> lis
 def device_problems(config: PipelineConfig) -> list[Problem]:
     """An explicit CUDA device on a stage kind that runs on the CPU only."""
     problems = []
+    cuda_kinds = sorted(kind for kind in STAGES if stage_spec(kind).device != "cpu")
     for index, stage in enumerate(config.stages):
         if stage.kind in STAGES and stage.device.startswith("cuda") and stage_spec(stage.kind).device == "cpu":
-            cuda_kinds = sorted(kind for kind in STAGES if stage_spec(kind).device != "cpu")
             problems.append(
                 Problem(
                     ("stages", index, "device"),

@@ -103,20 +103,9 @@ def inference_dtype(requested: str, device: str, float32_bytes: int | None = Non
 
 def float32_weight_bytes(folder: Path) -> int | None:
     """What a checkpoint folder's safetensors weights take in float32 (None: no such weights)."""
-    import json
+    from slimline.models import stored_dtype
 
     files = list(folder.glob("*.safetensors"))
     if not files or not (folder / "config.json").exists():
         return None
-    config = json.loads((folder / "config.json").read_text())
-    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
-    width = 2 if stored in ("float16", "bfloat16") else 4
-    return sum(file.stat().st_size for file in files) * 4 // width
-
-
-def synchronize(device: str | torch.device) -> None:
-    """Wait for a CUDA device's queued work (before reading a clock); nothing on the CPU."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+    return sum(file.stat().st_size for file in files) * 4 // stored_dtype(folder).itemsize

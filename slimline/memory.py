@@ -511,7 +511,7 @@ def training_of(kind: str, params: Any, launch: Any, device: str, parameters: in
 
     ``parameters``: the trained model's, which decide ``precision: auto`` on a GPU as training will.
     """
-    from slimline.hardware import BF16_MIN_PARAMETER_TOKENS
+    from slimline.hardware import decide_precision
 
     if kind not in TRAINING_KINDS:
         return None
@@ -519,13 +519,17 @@ def training_of(kind: str, params: Any, launch: Any, device: str, parameters: in
     if settings is None:
         return None
     world = launch.world_size if launch is not None else 1
+    rows = max(1, settings.batch_size // world)
     # auto is estimated as fp32 on a CPU: there it picks bf16 only after a micro-benchmark at training time
-    step_size = parameters * max(1, settings.batch_size // world) * settings.sequence_length
-    bf16 = settings.precision == "bf16" or (
-        settings.precision == "auto" and device == "cuda" and step_size >= BF16_MIN_PARAMETER_TOKENS
-    )
+    bf16 = settings.precision == "bf16"
+    if device == "cuda":  # the rule training applies (hardware.decide_precision), on a GPU with bf16
+        step_size = parameters * rows * settings.sequence_length
+        choice = decide_precision(
+            settings.precision, cuda_bf16=True, native_bf16=False, bf16_slowdown=None, parameter_tokens=step_size
+        )
+        bf16 = choice.chosen == "bf16"
     return TrainPlan(
-        batch_size=max(1, settings.batch_size // world),
+        batch_size=rows,
         sequence_length=settings.sequence_length,
         precision="bf16" if bf16 else "fp32",
         accumulation=settings.gradient_accumulation,

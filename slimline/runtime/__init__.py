@@ -59,7 +59,7 @@ def open_model(
     serving: bool = False,
     batch_invariant: bool = True,
     device: str = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> RuntimeModel:
     """Load an artifact folder into the runtime of its format.
 
@@ -83,7 +83,7 @@ def open_model(
     if fmt in ("hf", "source", "torch-int8"):
         from slimline.runtime.torch_model import TorchModel
 
-        return TorchModel(model_folder(folder), name=folder.name, device=device, dtype=dtype or torch.float32)
+        return TorchModel(model_folder(folder), name=folder.name, device=device, dtype=dtype)
     if fmt == "peft":
         from slimline.runtime.torch_model import TorchModel
 
@@ -92,7 +92,7 @@ def open_model(
             adapter_path=folder,
             name=folder.name,
             device=device,
-            dtype=dtype or torch.float32,
+            dtype=dtype,
         )
     if fmt == "onnx":
         from slimline.runtime.onnx_model import OnnxModel  # onnxruntime is an optional extra

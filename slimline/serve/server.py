@@ -13,6 +13,8 @@ from slimline.serve.limits import ServerLimits
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CONTEXT = 2048  # tokens, where a target's folder does not say (llama.cpp's default)
+
 
 def build_engine(
     pair: ServeBundle,
@@ -76,9 +78,11 @@ def check_memory(pair: ServeBundle, max_active: int, limits: ServerLimits, devic
     """
     from slimline.memory import MEMORY_ENV, free_memory, gb, serving_memory
     from slimline.runtime import artifact_format, model_folder
+    from slimline.serve.deploy import checkpoint_context
 
     folders = [folder for folder in (pair.target, pair.draft) if folder is not None]
-    context = checkpoint_context(model_folder(pair.target))
+    # no config (a bare GGUF folder): llama.cpp's default context
+    context = checkpoint_context(model_folder(pair.target)) or DEFAULT_CONTEXT
     if limits.max_prompt_tokens is not None and limits.max_tokens is not None:
         context = min(context, limits.max_prompt_tokens + limits.max_tokens)
     on_gpu = device != "cpu" and artifact_format(pair.target) in ("hf", "source", "peft")
@@ -104,17 +108,6 @@ def check_memory(pair: ServeBundle, max_active: int, limits: ServerLimits, devic
             gb(free),
             where,
         )
-
-
-def checkpoint_context(folder: Path) -> int:
-    """The context length a checkpoint folder's config gives (2048 where it says none, as llama.cpp's default)."""
-    import json
-
-    try:
-        data = json.loads((folder / "config.json").read_text())
-        return int(data.get("max_position_embeddings") or data.get("n_positions") or 2048)
-    except (OSError, ValueError, TypeError, AttributeError):  # no config (a GGUF folder) or an odd one
-        return 2048
 
 
 def resolve_pair(target: Path, draft: Path | None, k: int | None, adaptive: bool | None) -> ServeBundle:

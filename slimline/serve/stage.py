@@ -5,8 +5,8 @@ earlier in the file; any two formats the runtime layer runs: ``hf``, ``torch-int
 ``onnx``, ``gguf``, ``tensorrt``, sharing a tokenizer), decodes real calibration-split prompts
 greedily with the target alone and speculatively, checks the outputs are identical (in float32
 where the server would run bf16: see ``measure_pair``), and writes ``serve.json``: the pair, k
-and whether it adapts. Format ``serve``; the evaluator measures it like any artifact, through a speculative backend (accuracy is the
-target's; decode speed is what the pair delivers). ``slimline serve runs/<name>/stages/<id>``
+and whether it adapts. Format ``serve``; the evaluator measures it like any artifact, through a
+speculative backend (accuracy is the target's; decode speed is what the pair delivers). ``slimline serve runs/<name>/stages/<id>``
 serves it.
 
 ```yaml
