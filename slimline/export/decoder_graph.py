@@ -7,17 +7,35 @@ filled past), for any batch: the inputs are ``input_ids [batch, seq]``, ``attent
 ``logits [batch, seq, vocab]`` and ``present.<i>.key``/``present.<i>.value`` (past + seq long).
 Runtimes (ONNX Runtime, TensorRT) feed the presents back as the next step's past; the names
 and shapes live in ``slimline/runtime/layout.py``.
+
+The graph is traced with an explicit attention, not SDPA: the exporter decomposes SDPA into a
+scaled ``q @ transpose(k)`` whose key transpose stays a node of its own per layer, and ONNX
+Runtime runs that node on two threads several times slower than on one (13 to 46 ms of a 53 to
+90 ms 16-row decode pass of SmolLM2-135M on 2 cores). ``q @ k.transpose(2, 3)`` written out is
+fused by ONNX Runtime into one ``FusedMatMul`` that reads the key transposed. Families whose
+attention is plain ``softmax(q k^T * scaling + mask) v`` (``GROUPED_FAMILIES``) are traced with
+``grouped_attention``, which also skips repeating each key/value head for its query heads (the
+``Expand`` of grouped-query attention); the others with their own eager attention. Against the
+eager graph, on SmolLM2-135M (9 query heads on 3 key/value heads), ONNX Runtime, 2 cores: a
+16-row decode pass 30 against 33 ms, 16 rows of two tokens 40.5 against 45 ms, one row alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from slimline.runtime.layout import INPUT_NAMES, CacheLayout
 
+# The attention the graph is traced with, for families whose eager attention is the plain formula
+# (no soft-capping, no attention sinks): grouped_attention computes exactly what it does.
+GROUPED_ATTENTION = "slimline_grouped"
+GROUPED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"})
 # Sizes the export traces with; any size >= 2 keeps torch.export from specialising an axis.
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 4
 
@@ -64,7 +82,7 @@ def export_decoder(model: PreTrainedModel, path: Path, opset: int, external_data
         {0: batch_dim, 1: seq_dim},
         [{0: batch_dim, 2: past_dim}] * (2 * layout.layers),
     )
-    with torch.no_grad():
+    with torch.no_grad(), export_attention(model):
         torch.onnx.export(
             step,
             (input_ids, attention_mask, position_ids, past),
@@ -78,3 +96,36 @@ def export_decoder(model: PreTrainedModel, path: Path, opset: int, external_data
             external_data=external_data,
             verbose=False,
         )
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention without repeating key/value heads: each one's query heads are stacked as its rows.
+
+    ``query`` [batch, heads, n, dim] against ``key``/``value`` [batch, kv_heads, past, dim]; the
+    signature and the mask (additive, from ``eager_mask``) are transformers' attention interface.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    stacked = query.reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    weights = (torch.matmul(stacked, key.transpose(2, 3)) * scaling).reshape(batch, heads, length, -1)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights.reshape(batch, kv_heads, heads // kv_heads * length, -1), value)
+    return output.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)
+
+
+@contextmanager
+def export_attention(model: PreTrainedModel) -> Iterator[None]:
+    """While the block runs, the model computes attention as the graph should have it (see the module's note)."""
+    previous = model.config._attn_implementation
+    grouped = model.config.model_type in GROUPED_FAMILIES
+    model.set_attn_implementation(GROUPED_ATTENTION if grouped else "eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)

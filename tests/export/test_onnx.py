@@ -9,11 +9,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
 from slimline.artifacts import read_artifact
 from slimline.config import load_pipeline
 from slimline.errors import ConfigError
 from slimline.evaluate.backends import open_backend
+from slimline.export.decoder_graph import GROUPED_ATTENTION, GROUPED_FAMILIES, export_attention
 from slimline.export.onnx import greedy_torch
 from slimline.models import load_causal_lm
 from slimline.runner import Runner
@@ -129,3 +131,36 @@ def test_fp16_with_int8_is_refused_when_the_pipeline_loads(tiny_model: Path, tmp
     with pytest.raises(ConfigError) as caught:
         load_pipeline(write_pipeline(tmp_path, tiny_model, stages))
     assert "tiny.yaml:" in str(caught.value) and "int8 quantization applies to an fp32 graph" in str(caught.value)
+
+
+GQA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "config",
+    [
+        LlamaConfig(num_key_value_heads=2, **GQA),
+        MistralConfig(num_key_value_heads=1, sliding_window=6, **GQA),
+        Qwen2Config(num_key_value_heads=2, **GQA),
+        Phi3Config(num_key_value_heads=2, **GQA),
+        GemmaConfig(num_key_value_heads=1, head_dim=32, **GQA),
+    ],
+    ids=lambda config: config.model_type,
+)
+def test_grouped_attention_computes_what_each_family_computes(config) -> None:
+    """The attention graphs are traced with gives each family's own logits, ragged padding and sliding windows included."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert model.config.model_type in GROUPED_FAMILIES
+    input_ids = torch.randint(0, config.vocab_size, (2, 12))
+    attention_mask = torch.ones(2, 12, dtype=torch.int64)
+    attention_mask[1, :3] = 0  # a left-padded row
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with export_attention(model):
+            assert model.config._attn_implementation == GROUPED_ATTENTION
+            grouped = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert model.config._attn_implementation != GROUPED_ATTENTION  # restored after the block
+    real = attention_mask.bool()
+    assert torch.allclose(grouped[real], expected[real], atol=1e-5)
