@@ -415,7 +415,7 @@ def main() -> None:
         "pytorch": ("tuned", "draft"),
     }.items():
         target, draft = (
-            open_model(stages / target_stage, shares_cores=True),
+            open_model(stages / target_stage),
             open_model(stages / draft_stage, shares_cores=True),
         )
         print(f"sweeping {backend} ...", flush=True)

@@ -17,7 +17,15 @@ from slimline.artifacts import MANIFEST
 from slimline.errors import ArtifactError
 from slimline.runtime.base import Feed, RuntimeModel, Sequence
 
-__all__ = ["RUNTIME_BY_FORMAT", "Feed", "RuntimeModel", "Sequence", "artifact_format", "open_model"]
+__all__ = [
+    "RUNTIME_BY_FORMAT",
+    "Feed",
+    "RuntimeModel",
+    "Sequence",
+    "artifact_format",
+    "checkpoint_context",
+    "open_model",
+]
 
 RUNTIME_BY_FORMAT = {
     "source": "pytorch",
@@ -52,6 +60,19 @@ def artifact_format(folder: Path) -> str:
     return "hf"
 
 
+def checkpoint_context(folder: Path) -> int | None:
+    """The context length an HF checkpoint's config.json declares (under any of its families' names), or None."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
 def open_model(
     folder: Path,
     max_sequences: int = 1,
@@ -64,8 +85,9 @@ def open_model(
     """Load an artifact folder into the runtime of its format.
 
     ``max_sequences``: sequences open at once (llama.cpp sizes one context for them; the dense
-    runtimes have no such bound). ``shares_cores``: another model takes turns on the same cores
-    (a speculative pair), so ONNX Runtime's idle threads must not spin. ``serving``: run as the
+    runtimes have no such bound). ``shares_cores``: the model yields its cores to another between
+    passes (the draft of a speculative pair), so ONNX Runtime's idle threads must not spin; the
+    target keeps spinning threads (see ``onnx_model.open_session``). ``serving``: run as the
     server would, llama.cpp as llama-server runs it: fused (flash) attention and a cache split
     per sequence (a request's attention never sums over another's cells), and with
     ``batch_invariant`` no one-token pass, so a request's greedy output is the same alone, batched

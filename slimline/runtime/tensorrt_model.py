@@ -9,7 +9,6 @@ first, with a clear error.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from slimline.errors import ArtifactError
 from slimline.runtime.base import Feed, RuntimeModel, check_feeds
 from slimline.runtime.layout import INPUT_NAMES, LOGITS, CacheLayout
+from slimline.runtime.onnx_model import folder_context
 from slimline.runtime.ragged import DenseSequence, keep_presents, pad_caches, ragged_batch, row_logits
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32}
@@ -56,7 +56,7 @@ class TensorRTModel(RuntimeModel):
         self.stream = torch.cuda.Stream()
         self.placeholder = torch.empty(1, device="cuda")  # an address for zero-length tensors
         self.name = folder.name
-        self.context_length = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+        self.context_length = folder_context(folder)
 
     def new_sequence(self) -> DenseSequence:
         """A sequence with an empty cache."""

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slimline.artifacts import MANIFEST, Artifact, read_artifact
 from slimline.errors import ArtifactError
+from slimline.runtime import checkpoint_context
 from slimline.serve.bundle import ServeBundle
 
 log = logging.getLogger(__name__)
@@ -316,19 +317,6 @@ def same_model(first: Artifact | Path, second: Artifact | Path) -> bool:
 
 
 # --- contexts --------------------------------------------------------------------------------
-
-
-def checkpoint_context(folder: Path) -> int | None:
-    """The context length an HF checkpoint's config.json declares, or None."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    config = config.get("text_config", config) if isinstance(config, dict) else {}
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
 
 
 def gguf_context(path: Path) -> int | None:

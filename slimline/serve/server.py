@@ -41,13 +41,11 @@ def build_engine(
     if pair.draft is not None:
         draft_tokenizer = load_tokenizer(model_folder(pair.draft))
         check_same_vocabulary(tokenizer, draft_tokenizer, pair.target, pair.draft)
-    shares_cores = pair.draft is not None
     target_weights = float32_weight_bytes(model_folder(pair.target))
     place = {"device": device, "dtype": inference_dtype(dtype, device, target_weights)}
     target_model = open_model(
         pair.target,
         max_sequences=max_active,
-        shares_cores=shares_cores,
         serving=True,
         batch_invariant=batch_invariant,
         **place,
@@ -77,8 +75,7 @@ def check_memory(pair: ServeBundle, max_active: int, limits: ServerLimits, devic
     its memory, everything else against the machine's.
     """
     from slimline.memory import MEMORY_ENV, free_memory, gb, serving_memory
-    from slimline.runtime import artifact_format, model_folder
-    from slimline.serve.deploy import checkpoint_context
+    from slimline.runtime import artifact_format, checkpoint_context, model_folder
 
     folders = [folder for folder in (pair.target, pair.draft) if folder is not None]
     # no config (a bare GGUF folder): llama.cpp's default context

@@ -131,7 +131,7 @@ def decode_both_ways(
     from slimline.serve.speculative import DraftLength, timed_greedy
 
     # as the server runs them: llama.cpp's exactness across pass shapes is the server's (batch invariance)
-    target = open_model(target_path, shares_cores=True, serving=True, device=device, dtype=dtype)
+    target = open_model(target_path, serving=True, device=device, dtype=dtype)
     draft = open_model(draft_path, shares_cores=True, serving=True, batch_invariant=False, device=device, dtype=dtype)
     plain_rates, speculative_rates, acceptance, identical = [], [], [], 0
     tuning = DraftLength(params.k, params.adaptive)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimline.models import load_causal_lm
+from slimline.models import copy_tokenizer_files, load_causal_lm
 from slimline.runtime import Feed, RuntimeModel
 from slimline.serve.sampling import SamplingParams
 from slimline.serve.speculative import (
@@ -39,6 +39,7 @@ def onnx_folder(hf_folder: Path, folder: Path) -> Path:
     folder.mkdir()
     export_decoder(load_causal_lm(hf_folder), folder / "model.onnx", opset=18, external_data=False)
     shutil.copy(hf_folder / "config.json", folder / "config.json")
+    copy_tokenizer_files(hf_folder, folder)
     return folder
 
 
@@ -59,8 +60,8 @@ def open_pair(runtime: str, root: Path) -> tuple[RuntimeModel, RuntimeModel]:
         pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'slimline[onnx]')")
         from slimline.runtime.onnx_model import OnnxModel
 
-        return (
-            OnnxModel(onnx_folder(target_hf, root / "target"), spinning=False),
+        return (  # as the server opens a pair: the draft's idle threads sleep, the target's spin
+            OnnxModel(onnx_folder(target_hf, root / "target")),
             OnnxModel(onnx_folder(draft_hf, root / "draft"), spinning=False),
         )
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'slimline[gguf]')")
@@ -118,6 +119,30 @@ def test_batched_greedy_equals_each_prompt_alone(pair, batch: int) -> None:
     expected = [greedy_alone(target, p) for p in prompts]
     assert decode_together(target, None, prompts, 0) == expected
     assert decode_together(target, draft, prompts, 3) == expected
+
+
+def test_the_server_opens_an_onnx_target_spinning_and_its_draft_yielding(tmp_path: Path) -> None:
+    """Only the draft's idle threads sleep between passes (see ``onnx_model.open_session``)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'slimline[onnx]')")
+    from slimline.serve.bundle import ServeBundle
+    from slimline.serve.server import build_engine
+
+    target = onnx_folder(build_tiny_model(tmp_path / "target-hf", layers=2, seed=0), tmp_path / "target")
+    draft = onnx_folder(build_tiny_model(tmp_path / "draft-hf", layers=1, seed=1), tmp_path / "draft")
+    engine = build_engine(ServeBundle(target, draft, k=3, adaptive=True), max_active=2)
+    try:
+        assert (spins(engine.target), spins(engine.draft)) == (True, False)
+    finally:
+        engine.shutdown(grace_seconds=0)
+
+
+def spins(model: RuntimeModel) -> bool:
+    """Whether an ONNX Runtime session's idle worker threads busy-wait (its default)."""
+    options = model.session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except RuntimeError:  # the entry was never set
+        return True
 
 
 def test_onnx_keeps_the_batch_caches_between_passes_over_the_same_rows(pair) -> None:

@@ -34,7 +34,7 @@ class SpeculativeBackend(Backend):
         if bundle.draft is None:
             raise ArtifactError(f"{folder} names no draft model: a speculative backend needs one")
         # two sequences each: the latency lane, and the scoring of windows while it is open
-        self.target = open_model(bundle.target, max_sequences=2, shares_cores=True, device=device)
+        self.target = open_model(bundle.target, max_sequences=2, device=device)
         self.draft = open_model(bundle.draft, max_sequences=2, shares_cores=True, device=device)
         self.device = self.target.device
         self.name = f"speculative ({self.target.backend})"
