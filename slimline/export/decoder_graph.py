@@ -2,9 +2,11 @@
 
 One graph serves prefill (an empty past, ``past`` length 0) and decode (one new token on a
 filled past), for any batch: the inputs are ``input_ids [batch, seq]``, ``attention_mask
-[batch, past + seq]`` (1 for real tokens, 0 for left padding), ``position_ids [batch, seq]`` and
-``past.<i>.key``/``past.<i>.value [batch, kv_heads, past, head_dim]`` per layer; the outputs are
-``logits [batch, seq, vocab]`` and ``present.<i>.key``/``present.<i>.value`` (past + seq long).
+[batch, past + seq]`` (1 for real tokens, 0 for left padding), ``position_ids [batch, seq]``,
+``logit_positions [keep]`` (which fed positions get logits, for every row: a prompt's last only,
+so its other positions skip the vocabulary projection) and ``past.<i>.key``/``past.<i>.value
+[batch, kv_heads, past, head_dim]`` per layer; the outputs are ``logits [batch, keep, vocab]`` and
+``present.<i>.key``/``present.<i>.value`` (past + seq long).
 Runtimes (ONNX Runtime, TensorRT) feed the presents back as the next step's past; the names
 and shapes live in ``slimline/runtime/layout.py``.
 
@@ -30,14 +32,15 @@ import torch
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from slimline.runtime.layout import INPUT_NAMES, CacheLayout
+from slimline.runtime.layout import INPUT_NAMES, LOGIT_POSITIONS, CacheLayout
 
 # The attention the graph is traced with, for families whose eager attention is the plain formula
 # (no soft-capping, no attention sinks): grouped_attention computes exactly what it does.
 GROUPED_ATTENTION = "slimline_grouped"
 GROUPED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"})
-# Sizes the export traces with; any size >= 2 keeps torch.export from specialising an axis.
-EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 4
+# Sizes the export traces with; any size >= 2 keeps torch.export from specialising an axis, and
+# distinct sizes keep it from tying two axes together.
+EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST, EXAMPLE_KEEP = 2, 3, 4, 5
 
 
 class DecoderStep(torch.nn.Module):
@@ -48,7 +51,7 @@ class DecoderStep(torch.nn.Module):
         self.model = model
         self.layout = CacheLayout.of(model.config)
 
-    def forward(self, input_ids, attention_mask, position_ids, past):  # noqa: D102 - see the class
+    def forward(self, input_ids, attention_mask, position_ids, logit_positions, past):  # noqa: D102 - see the class
         cache = DynamicCache()
         for layer in range(self.layout.layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
@@ -58,6 +61,7 @@ class DecoderStep(torch.nn.Module):
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=logit_positions,  # transformers keeps these positions of every row
         )
         presents = []
         for layer in output.past_key_values.layers:
@@ -73,6 +77,7 @@ def export_decoder(model: PreTrainedModel, path: Path, opset: int, external_data
     input_ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
     position_ids = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
+    logit_positions = torch.randint(0, seq, (EXAMPLE_KEEP,))
     past = [torch.randn(batch, layout.kv_heads, past_len, layout.head_dim) for _ in range(2 * layout.layers)]
     batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("seq")
     past_dim, total_dim = torch.export.Dim("past"), torch.export.Dim("total")
@@ -80,16 +85,17 @@ def export_decoder(model: PreTrainedModel, path: Path, opset: int, external_data
         {0: batch_dim, 1: seq_dim},
         {0: batch_dim, 1: total_dim},
         {0: batch_dim, 1: seq_dim},
+        {0: torch.export.Dim("keep")},
         [{0: batch_dim, 2: past_dim}] * (2 * layout.layers),
     )
     with torch.no_grad(), export_attention(model):
         torch.onnx.export(
             step,
-            (input_ids, attention_mask, position_ids, past),
+            (input_ids, attention_mask, position_ids, logit_positions, past),
             str(path),
             dynamo=True,
             opset_version=opset,
-            input_names=INPUT_NAMES + layout.past_names(),
+            input_names=[*INPUT_NAMES, LOGIT_POSITIONS, *layout.past_names()],
             output_names=["logits", *layout.present_names()],
             dynamic_shapes=dynamic_shapes,
             optimize=True,

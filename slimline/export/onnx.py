@@ -32,7 +32,7 @@ from slimline.export.decoder_graph import export_decoder
 from slimline.export.int8_graph import quantize_graph_per_token
 from slimline.hardware import cpu_flags, has_vnni, safe_int8_weight_bits
 from slimline.models import load_parent_model
-from slimline.runtime.layout import CacheLayout
+from slimline.runtime.layout import LOGIT_POSITIONS, CacheLayout
 from slimline.runtime.onnx_model import MODEL_FILE, open_session, session_layout
 from slimline.runtime.onnx_model import OnnxModel as GraphModel
 from slimline.stage import ModelShape, ShapeProblems, StageContext, StageOutput, StageParams, StageSpec
@@ -206,6 +206,7 @@ class PrefillReader:
             "input_ids": window.reshape(1, -1).astype(np.int64),
             "attention_mask": np.ones((1, window.size), dtype=np.int64),
             "position_ids": np.arange(window.size, dtype=np.int64).reshape(1, -1),
+            LOGIT_POSITIONS: np.arange(window.size, dtype=np.int64),  # every position: all calibrated
             **self.empty_past,
         }
 

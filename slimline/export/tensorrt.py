@@ -83,7 +83,7 @@ def shape_profile(name: str, kv_shape: tuple[int, int], params: Params, longest:
         return (1, kv_heads, 0, head_dim), (1, kv_heads, past, head_dim), (batch, kv_heads, longest - 1, head_dim)
     if name == "attention_mask":
         return (1, 1), (1, past + 1), (batch, longest)
-    return (1, 1), (1, 1), (batch, longest)  # input_ids, position_ids: one token per decode step
+    return (1, 1), (1, 1), (batch, longest)  # input_ids, position_ids, logit_positions: one token per decode step
 
 
 def check_parent(parent: Artifact) -> None:

@@ -2,8 +2,11 @@
 
 An exported decoder step (``slimline/export/decoder_graph.py``) takes ``input_ids [batch, seq]``,
 ``attention_mask [batch, past + seq]`` (1 for a real token, 0 for padding), ``position_ids
-[batch, seq]`` and ``past.<i>.key``/``past.<i>.value [batch, kv_heads, past, head_dim]`` per
-layer; it returns ``logits [batch, seq, vocab]`` and ``present.<i>.key``/``present.<i>.value``.
+[batch, seq]``, ``logit_positions [keep]`` (which of the fed positions get logits) and
+``past.<i>.key``/``past.<i>.value [batch, kv_heads, past, head_dim]`` per layer; it returns
+``logits [batch, keep, vocab]`` and ``present.<i>.key``/``present.<i>.value``. Graphs exported
+before ``logit_positions`` existed return ``logits [batch, seq, vocab]``; runtimes feed the input
+only where a graph has it (``LOGIT_POSITIONS``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INPUT_NAMES = ["input_ids", "attention_mask", "position_ids"]
+# The positions of the fed tokens whose logits a pass returns (the same for every row): a prompt's
+# pass needs only its last (the vocabulary projection of every other position and its output are wasted work).
+LOGIT_POSITIONS = "logit_positions"
 LOGITS = "logits"
 
 

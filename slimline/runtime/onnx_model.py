@@ -17,7 +17,7 @@ import torch
 from slimline.errors import ArtifactError
 from slimline.runtime import checkpoint_context
 from slimline.runtime.base import Feed, RuntimeModel, check_feeds
-from slimline.runtime.layout import LOGITS, CacheLayout
+from slimline.runtime.layout import LOGIT_POSITIONS, LOGITS, CacheLayout
 from slimline.runtime.ragged import DenseSequence, KeptBatch, kept_batch_inputs, row_logits
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ class OnnxModel(RuntimeModel):
         self.session = open_session(self.graph, choose_providers(provider), spinning=spinning)
         self.providers = self.session.get_providers()
         self.layout, self.cache_dtype = session_layout(self.session)
+        # Graphs exported before logit_positions return logits for every fed position.
+        self.keeps_positions = LOGIT_POSITIONS in {i.name for i in self.session.get_inputs()}
         empty = np.zeros((1, self.layout.kv_heads, 0, self.layout.head_dim), dtype=self.cache_dtype)
         self.empty_cache = torch.from_numpy(empty)
         self.name = folder.name
@@ -120,12 +122,15 @@ class OnnxModel(RuntimeModel):
         kept = self.kept if self.kept is not None and self.kept.holds(sequences) else None
         if kept is None:
             self.dissolve_kept()
-        batch, caches, valid = kept_batch_inputs(sequences, [feed.tokens for feed in feeds], kept)
+        all_logits = [feed.all_logits for feed in feeds]
+        batch, caches, valid = kept_batch_inputs(sequences, [feed.tokens for feed in feeds], kept, all_logits)
         inputs = {
             "input_ids": batch.input_ids.numpy(),
             "attention_mask": valid.astype(np.int64),
             "position_ids": batch.position_ids.numpy(),
         }
+        if self.keeps_positions:
+            inputs[LOGIT_POSITIONS] = batch.logit_positions.numpy()
         inputs.update(zip(self.layout.past_names(), caches, strict=True))
         outputs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, inputs), strict=True))
         self.kept = KeptBatch(list(sequences), [outputs[name] for name in self.layout.present_names()], valid)
@@ -135,7 +140,7 @@ class OnnxModel(RuntimeModel):
         if self.kept.spare_columns > max(SPARE_COLUMNS, self.kept.valid.shape[1] // 4):
             self.dissolve_kept()  # the next pass pads the rows afresh, without the holes
         logits = torch.from_numpy(outputs[LOGITS])
-        return [row_logits(logits, batch, row, feed.all_logits) for row, feed in enumerate(feeds)]
+        return [row_logits(logits, batch, row, feed.all_logits, self.keeps_positions) for row, feed in enumerate(feeds)]
 
     def dissolve_kept(self) -> None:
         """Hand the rows of the last pass their own caches (before a pass over other rows)."""

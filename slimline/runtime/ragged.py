@@ -27,6 +27,9 @@ class RaggedBatch:
     position_ids: torch.Tensor  # [B, N] int64
     past_lengths: list[int]
     new_lengths: list[int]
+    # [K] int64, ascending: the fed positions whose logits a graph with ``LOGIT_POSITIONS`` returns,
+    # for every row: each row's positions (all of its tokens, or only its last), merged.
+    logit_positions: torch.Tensor
 
     @property
     def padded_past(self) -> int:
@@ -39,8 +42,11 @@ class RaggedBatch:
         return len(self.past_lengths) == 1
 
 
-def ragged_batch(past_lengths: list[int], rows: list[list[int]]) -> RaggedBatch:
-    """Padded ids, attention mask and position ids for rows of tokens after caches of these lengths."""
+def ragged_batch(past_lengths: list[int], rows: list[list[int]], all_logits: list[bool] | None = None) -> RaggedBatch:
+    """Padded ids, attention mask, position ids and logit positions for rows of tokens after caches of these lengths.
+
+    ``all_logits[i]``: row ``i`` needs the logits of every token it feeds, not only its last (default: every row).
+    """
     batch, padded_past, padded_new = len(rows), max(past_lengths), max(len(row) for row in rows)
     input_ids = torch.zeros(batch, padded_new, dtype=torch.int64)
     attention_mask = torch.zeros(batch, padded_past + padded_new, dtype=torch.int64)
@@ -51,7 +57,22 @@ def ragged_batch(past_lengths: list[int], rows: list[list[int]]) -> RaggedBatch:
         attention_mask[i, padded_past : padded_past + len(row)] = 1
         # Padded positions continue the count so every position id stays within the model's range.
         position_ids[i] = torch.arange(past, past + padded_new)
-    return RaggedBatch(input_ids, attention_mask, position_ids, list(past_lengths), [len(r) for r in rows])
+    return RaggedBatch(
+        input_ids,
+        attention_mask,
+        position_ids,
+        list(past_lengths),
+        [len(r) for r in rows],
+        logit_positions([len(row) for row in rows], all_logits or [True] * batch),
+    )
+
+
+def logit_positions(new_lengths: list[int], all_logits: list[bool]) -> torch.Tensor:
+    """[K]: the positions any row needs: 0..n-1 for a row wanting all its logits, n-1 for one wanting its last."""
+    wanted = set()
+    for n, every in zip(new_lengths, all_logits, strict=True):
+        wanted.update(range(n) if every else (n - 1,))
+    return torch.tensor(sorted(wanted), dtype=torch.int64)
 
 
 def pad_caches(caches: list[torch.Tensor], padded_past: int) -> torch.Tensor:
@@ -86,11 +107,20 @@ def row_cache(old: torch.Tensor, present: torch.Tensor, batch: RaggedBatch, row:
     return torch.from_numpy(np.concatenate([old.numpy(), new.numpy()], axis=2))  # numpy: see pad_caches
 
 
-def row_logits(logits: torch.Tensor, batch: RaggedBatch, row: int, all_logits: bool) -> torch.Tensor:
-    """Row ``row``'s logits [new, vocab] (or [1, vocab]: the last real position) as float32."""
+def row_logits(
+    logits: torch.Tensor, batch: RaggedBatch, row: int, all_logits: bool, kept: bool = False
+) -> torch.Tensor:
+    """Row ``row``'s logits [new, vocab] (or [1, vocab]: the last real position) as float32.
+
+    ``kept``: the pass returned the logits of ``batch.logit_positions`` only (a graph with
+    ``LOGIT_POSITIONS``), else of every fed position. Either way a row's positions 0..n-1 come
+    first, since every position below n is one of them.
+    """
     count = batch.new_lengths[row]
-    rows = logits[row, :count] if all_logits else logits[row, count - 1 : count]
-    return rows.float()
+    if all_logits:
+        return logits[row, :count].float()
+    last = int(torch.searchsorted(batch.logit_positions, count - 1)) if kept else count - 1
+    return logits[row, last : last + 1].float()
 
 
 class DenseSequence(Sequence):
@@ -170,13 +200,13 @@ class KeptBatch:
 
 
 def kept_batch_inputs(
-    sequences: list[DenseSequence], rows: list[list[int]], kept: KeptBatch | None
+    sequences: list[DenseSequence], rows: list[list[int]], kept: KeptBatch | None, all_logits: list[bool]
 ) -> tuple[RaggedBatch, list[np.ndarray], np.ndarray]:
     """The padded batch (ids, positions), the past caches by index, and the mask of valid columns [B, T + N].
 
     Over the rows of ``kept``: its caches as they are, with its mask. Otherwise each row's own cache, padded.
     """
-    batch = ragged_batch([sequence.length for sequence in sequences], rows)
+    batch = ragged_batch([sequence.length for sequence in sequences], rows, all_logits)
     valid = batch.attention_mask.numpy().astype(bool)
     if kept is None:
         caches = [

@@ -15,7 +15,7 @@ import torch
 
 from slimline.errors import ArtifactError
 from slimline.runtime.base import Feed, RuntimeModel, check_feeds
-from slimline.runtime.layout import INPUT_NAMES, LOGITS, CacheLayout
+from slimline.runtime.layout import INPUT_NAMES, LOGIT_POSITIONS, LOGITS, CacheLayout
 from slimline.runtime.onnx_model import folder_context
 from slimline.runtime.ragged import DenseSequence, keep_presents, pad_caches, ragged_batch, row_logits
 
@@ -48,6 +48,9 @@ class TensorRTModel(RuntimeModel):
         self.outputs = [n for n in names if not is_input[n]]
         self.layout = CacheLayout.from_inputs({n: tuple(self.engine.get_tensor_shape(n)) for n in names if is_input[n]})
         self.dtypes = {n: TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
+        # Engines built from graphs exported before logit_positions return logits for every fed position.
+        self.keeps_positions = LOGIT_POSITIONS in names
+        self.feed_names = INPUT_NAMES + [LOGIT_POSITIONS] * self.keeps_positions
         # The optimisation profile's largest batch (profile 0, input_ids' max shape).
         self.max_batch = int(self.engine.get_tensor_profile_shape("input_ids", 0)[2][0])
         self.empty_cache = torch.empty(
@@ -68,15 +71,15 @@ class TensorRTModel(RuntimeModel):
         if len(feeds) > self.max_batch:
             raise ValueError(f"{len(feeds)} rows exceed the engine profile's batch of {self.max_batch}")
         sequences = [feed.sequence for feed in feeds]
-        batch = ragged_batch([s.length for s in sequences], [feed.tokens for feed in feeds])
-        inputs = {name: getattr(batch, name).to("cuda", self.dtypes[name]).contiguous() for name in INPUT_NAMES}
+        batch = ragged_batch([s.length for s in sequences], [f.tokens for f in feeds], [f.all_logits for f in feeds])
+        inputs = {name: getattr(batch, name).to("cuda", self.dtypes[name]).contiguous() for name in self.feed_names}
         for index, name in enumerate(self.layout.past_names()):
             inputs[name] = pad_caches([s.past[index] for s in sequences], batch.padded_past).contiguous()
         results = self._execute(inputs)
         presents = [results[name] for name in self.layout.present_names()]
         keep_presents(sequences, presents, batch)
         logits = results[LOGITS].float().cpu()
-        return [row_logits(logits, batch, row, feed.all_logits) for row, feed in enumerate(feeds)]
+        return [row_logits(logits, batch, row, feed.all_logits, self.keeps_positions) for row, feed in enumerate(feeds)]
 
     def _execute(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Bind inputs and freshly allocated outputs, run on the stream, wait."""

@@ -209,3 +209,22 @@ def test_a_serve_bundle_scores_windows_while_its_latency_lane_is_open(pair, tmp_
         backend.close()
     assert scored.shape[0] == len(prompt)
     assert tokens == greedy_alone(target, prompt.tolist())[: len(tokens)]
+
+
+def test_onnx_prompt_passes_project_only_the_positions_asked_for(tmp_path: Path) -> None:
+    """A prefill pass returns logits for each row's last position only, equal to the full pass's."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'slimline[onnx]')")
+    from slimline.runtime.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx_folder(build_tiny_model(tmp_path / "hf", layers=2, seed=0), tmp_path / "graph"))
+    assert model.keeps_positions
+    shapes = []
+    run = model.session.run
+    model.session.run = lambda names, feeds: shapes.append(feeds["logit_positions"].shape) or run(names, feeds)
+    prompts = [[5, 9, 13, 2, 7], [8, 3, 11]]
+    last = model.forward([Feed(model.new_sequence(), p, all_logits=False) for p in prompts])
+    every = model.forward([Feed(model.new_sequence(), p) for p in prompts])
+    assert shapes == [(2,), (5,)]  # positions 4 and 2, then all five
+    for row, prompt in enumerate(prompts):
+        assert last[row].shape == (1, every[row].shape[1])
+        assert torch.allclose(last[row][0], every[row][len(prompt) - 1], atol=1e-5)
