@@ -16,6 +16,7 @@ import torch
 from slimline.artifacts import MANIFEST
 from slimline.errors import ArtifactError
 from slimline.runtime.base import Feed, RuntimeModel, Sequence
+from slimline.runtime.checkpoint import checkpoint_context
 
 __all__ = [
     "RUNTIME_BY_FORMAT",
@@ -58,19 +59,6 @@ def artifact_format(folder: Path) -> str:
     if (folder / "model.gguf").exists():
         return "gguf"
     return "hf"
-
-
-def checkpoint_context(folder: Path) -> int | None:
-    """The context length an HF checkpoint's config.json declares (under any of its families' names), or None."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    config = config.get("text_config", config) if isinstance(config, dict) else {}
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
 
 
 def open_model(

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from slimline.errors import ArtifactError
-from slimline.runtime import checkpoint_context
 from slimline.runtime.base import Feed, RuntimeModel, check_feeds
+from slimline.runtime.checkpoint import checkpoint_context
 from slimline.runtime.layout import LOGIT_POSITIONS, LOGITS, CacheLayout
 from slimline.runtime.ragged import DenseSequence, KeptBatch, kept_batch_inputs, row_logits
 
