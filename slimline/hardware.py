@@ -2,10 +2,10 @@
 
 bf16 is only a speed-up where the hardware computes it natively: CUDA devices with bf16 (for
 steps large enough to be bound by arithmetic), and CPUs with AMX or AVX512-BF16. Elsewhere (an
-AVX2-only CPU, say) PyTorch emulates it and a bf16 matmul measured 37x slower than float32. So ``precision: auto`` picks bf16 only where the
-capability flags say it is native *and* a one-off micro-benchmark, cached per machine, confirms
-that it is not slower than float32; otherwise float32. The choice and its reason go into the
-stage's report.
+AVX2-only CPU, say) PyTorch emulates it and a bf16 matmul measured 37x slower than float32. So
+``precision: auto`` picks bf16 only where the capability flags say it is native *and* a one-off
+micro-benchmark, cached per machine, confirms that it is not slower than float32; otherwise
+float32. The choice and its reason go into the stage's report.
 """
 
 from __future__ import annotations

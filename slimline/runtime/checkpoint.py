@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from slimline.errors import ArtifactError
+
 
 def checkpoint_context(folder: Path) -> int | None:
     """The context length an HF checkpoint's config.json declares (under any of its families' names), or None."""
@@ -17,3 +19,11 @@ def checkpoint_context(folder: Path) -> int | None:
         if isinstance(config.get(key), int):
             return config[key]
     return None
+
+
+def folder_context(folder: Path) -> int:
+    """The context length of the checkpoint an exported graph came from (its config.json, copied beside it)."""
+    context = checkpoint_context(folder)
+    if context is None:
+        raise ArtifactError(f"{folder / 'config.json'} declares no context length (max_position_embeddings)")
+    return context

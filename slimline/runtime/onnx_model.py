@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slimline.errors import ArtifactError
 from slimline.runtime.base import Feed, RuntimeModel, check_feeds
-from slimline.runtime.checkpoint import checkpoint_context
+from slimline.runtime.checkpoint import folder_context
 from slimline.runtime.layout import LOGIT_POSITIONS, LOGITS, CacheLayout
 from slimline.runtime.ragged import DenseSequence, KeptBatch, kept_batch_inputs, row_logits
 
@@ -25,14 +24,6 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 # Hole columns (padding, dropped proposals) a kept batch may carry before its rows are padded afresh.
 SPARE_COLUMNS = 32
-
-
-def folder_context(folder: Path) -> int:
-    """The context length of the checkpoint an exported graph came from (its config.json, copied beside it)."""
-    context = checkpoint_context(folder)
-    if context is None:
-        raise ArtifactError(f"{folder / 'config.json'} declares no context length (max_position_embeddings)")
-    return context
 
 
 def choose_providers(preferred: str = "auto") -> list[str]:

@@ -57,14 +57,9 @@ def ragged_batch(past_lengths: list[int], rows: list[list[int]], all_logits: lis
         attention_mask[i, padded_past : padded_past + len(row)] = 1
         # Padded positions continue the count so every position id stays within the model's range.
         position_ids[i] = torch.arange(past, past + padded_new)
-    return RaggedBatch(
-        input_ids,
-        attention_mask,
-        position_ids,
-        list(past_lengths),
-        [len(r) for r in rows],
-        logit_positions([len(row) for row in rows], all_logits or [True] * batch),
-    )
+    new_lengths = [len(row) for row in rows]
+    positions = logit_positions(new_lengths, all_logits or [True] * batch)
+    return RaggedBatch(input_ids, attention_mask, position_ids, list(past_lengths), new_lengths, positions)
 
 
 def logit_positions(new_lengths: list[int], all_logits: list[bool]) -> torch.Tensor:
@@ -108,18 +103,18 @@ def row_cache(old: torch.Tensor, present: torch.Tensor, batch: RaggedBatch, row:
 
 
 def row_logits(
-    logits: torch.Tensor, batch: RaggedBatch, row: int, all_logits: bool, kept: bool = False
+    logits: torch.Tensor, batch: RaggedBatch, row: int, all_logits: bool, at_logit_positions: bool = False
 ) -> torch.Tensor:
     """Row ``row``'s logits [new, vocab] (or [1, vocab]: the last real position) as float32.
 
-    ``kept``: the pass returned the logits of ``batch.logit_positions`` only (a graph with
+    ``at_logit_positions``: the pass returned the logits of ``batch.logit_positions`` only (a graph with
     ``LOGIT_POSITIONS``), else of every fed position. Either way a row's positions 0..n-1 come
     first, since every position below n is one of them.
     """
     count = batch.new_lengths[row]
     if all_logits:
         return logits[row, :count].float()
-    last = int(torch.searchsorted(batch.logit_positions, count - 1)) if kept else count - 1
+    last = int(torch.searchsorted(batch.logit_positions, count - 1)) if at_logit_positions else count - 1
     return logits[row, last : last + 1].float()
 
 

@@ -15,8 +15,8 @@ import torch
 
 from slimline.errors import ArtifactError
 from slimline.runtime.base import Feed, RuntimeModel, check_feeds
+from slimline.runtime.checkpoint import folder_context
 from slimline.runtime.layout import INPUT_NAMES, LOGIT_POSITIONS, LOGITS, CacheLayout
-from slimline.runtime.onnx_model import folder_context
 from slimline.runtime.ragged import DenseSequence, keep_presents, pad_caches, ragged_batch, row_logits
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32}
