@@ -398,7 +398,7 @@ class ServingMemory:
     """What ``slimline serve`` holds: the weights of its models, and KV cache bytes per cached token."""
 
     weights: int  # target and draft, as their runtimes load them
-    cache_per_token: int  # both models' keys and values of one token (0 where no config tells)
+    cache_per_token: int  # both models' keys and values of one token (0 where neither config nor GGUF tells)
     context: int  # tokens one request may hold: prompt + generated
     max_active: int
 
@@ -419,19 +419,22 @@ def serving_memory(folders: list[Path], max_active: int, context: int) -> Servin
     """
     from slimline.devices import float32_weight_bytes
     from slimline.models import checkpoint_shape
-    from slimline.runtime import model_folder
+    from slimline.runtime import gguf_cache_bytes_per_token, model_folder
 
     weights = cache = 0
     for folder in folders:
         checkpoint = model_folder(folder)
-        gguf = (folder / "model.gguf").exists()
+        gguf = folder / "model.gguf"
         files = [*folder.glob("*.onnx"), *folder.glob("*.onnx.data"), *folder.glob("*.gguf")]
         weights += sum(f.stat().st_size for f in files) if files else (float32_weight_bytes(checkpoint) or 0)
+        if gguf.exists():  # llama.cpp's f16 cache, as the GGUF's own metadata shapes it (a bare folder has no config)
+            cache += gguf_cache_bytes_per_token(gguf) or 0
+            continue
         try:
             figures = model_figures(checkpoint_shape(checkpoint))
-        except Exception:  # no config (a bare GGUF folder) or one the meta build cannot take: no cache figure
+        except Exception:  # a config the meta build cannot take: no cache figure
             continue
-        cache += 2 * figures.layers * figures.kv * (BF16 if gguf else FP32)
+        cache += 2 * figures.layers * figures.kv * FP32
     return ServingMemory(weights, cache, context, max_active)
 
 

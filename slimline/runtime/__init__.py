@@ -16,7 +16,7 @@ import torch
 from slimline.artifacts import MANIFEST
 from slimline.errors import ArtifactError
 from slimline.runtime.base import Feed, RuntimeModel, Sequence
-from slimline.runtime.checkpoint import checkpoint_context
+from slimline.runtime.checkpoint import checkpoint_context, gguf_cache_bytes_per_token, gguf_context
 
 __all__ = [
     "RUNTIME_BY_FORMAT",
@@ -25,6 +25,8 @@ __all__ = [
     "Sequence",
     "artifact_format",
     "checkpoint_context",
+    "gguf_cache_bytes_per_token",
+    "gguf_context",
     "open_model",
 ]
 

@@ -1,4 +1,4 @@
-"""What an artifact folder's ``config.json`` says about the checkpoint it holds or came from."""
+"""What an artifact folder says about the checkpoint it holds or came from: its ``config.json``, or a GGUF's metadata."""
 
 from __future__ import annotations
 
@@ -27,3 +27,55 @@ def folder_context(folder: Path) -> int:
     if context is None:
         raise ArtifactError(f"{folder / 'config.json'} declares no context length (max_position_embeddings)")
     return context
+
+
+def gguf_metadata(path: Path) -> dict[str, int | list[int]]:
+    """The numbers a GGUF file's metadata declares for its architecture, by key without the architecture prefix.
+
+    Needs the gguf package; {} without it or for a file it cannot read. Keys as llama.cpp names them:
+    ``context_length``, ``block_count``, ``attention.head_count_kv``, ``attention.key_length``, ...
+    """
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+    except Exception:  # no gguf package, or a file it cannot read: llama.cpp's loader says why when it loads
+        return {}
+    architecture = reader.get_field("general.architecture")
+    if architecture is None:
+        return {}
+    prefix = f"{architecture.contents()}."
+    figures: dict[str, int | list[int]] = {}
+    for name, field in reader.fields.items():
+        if name.startswith(prefix):
+            value = field.contents()
+            if isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, int) for v in value)):
+                figures[name.removeprefix(prefix)] = value
+    return figures
+
+
+def gguf_context(path: Path) -> int | None:
+    """The training context a GGUF file's metadata declares, or None."""
+    context = gguf_metadata(path).get("context_length")
+    return context if isinstance(context, int) else None
+
+
+def gguf_cache_bytes_per_token(path: Path, element_bytes: int = 2) -> int | None:
+    """Bytes of keys and values one token holds in llama.cpp's cache (f16 by default) for a GGUF model, or None.
+
+    Per layer: KV heads x (key length + value length); the head count may be one per layer (a list),
+    and the lengths default to the embedding width over the attention heads, as llama.cpp reads them.
+    """
+    figures = gguf_metadata(path)
+    layers, kv_heads = figures.get("block_count"), figures.get("attention.head_count_kv")
+    heads, width = figures.get("attention.head_count"), figures.get("embedding_length")
+    if not isinstance(layers, int) or kv_heads is None:
+        return None
+    per_layer_heads = kv_heads if isinstance(kv_heads, list) else [kv_heads] * layers
+    first_heads = heads[0] if isinstance(heads, list) else heads
+    default_length = width // first_heads if isinstance(width, int) and first_heads else None
+    key = figures.get("attention.key_length", default_length)
+    value = figures.get("attention.value_length", default_length)
+    if not isinstance(key, int) or not isinstance(value, int):
+        return None
+    return sum(per_layer_heads) * (key + value) * element_bytes

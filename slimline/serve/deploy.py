@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slimline.artifacts import MANIFEST, Artifact, read_artifact
 from slimline.errors import ArtifactError
-from slimline.runtime import checkpoint_context
+from slimline.runtime import checkpoint_context, gguf_context
 from slimline.serve.bundle import ServeBundle
 
 log = logging.getLogger(__name__)
@@ -317,18 +317,6 @@ def same_model(first: Artifact | Path, second: Artifact | Path) -> bool:
 
 
 # --- contexts --------------------------------------------------------------------------------
-
-
-def gguf_context(path: Path) -> int | None:
-    """The training context a GGUF file's metadata declares (needs the gguf package), or None."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        return None
-    reader = GGUFReader(path)
-    architecture = reader.get_field("general.architecture")
-    field = reader.get_field(f"{architecture.contents()}.context_length") if architecture else None
-    return int(field.contents()) if field else None
 
 
 def target_context(side: Side) -> int | None:

@@ -75,11 +75,15 @@ def check_memory(pair: ServeBundle, max_active: int, limits: ServerLimits, devic
     its memory, everything else against the machine's.
     """
     from slimline.memory import MEMORY_ENV, free_memory, gb, serving_memory
-    from slimline.runtime import artifact_format, checkpoint_context, model_folder
+    from slimline.runtime import artifact_format, checkpoint_context, gguf_context, model_folder
 
     folders = [folder for folder in (pair.target, pair.draft) if folder is not None]
-    # no config (a bare GGUF folder): llama.cpp's default context
-    context = checkpoint_context(model_folder(pair.target)) or DEFAULT_CONTEXT
+    gguf = pair.target / "model.gguf"
+    context = (
+        checkpoint_context(model_folder(pair.target))
+        or (gguf_context(gguf) if gguf.exists() else None)
+        or DEFAULT_CONTEXT  # neither says: llama.cpp's default
+    )
     if limits.max_prompt_tokens is not None and limits.max_tokens is not None:
         context = min(context, limits.max_prompt_tokens + limits.max_tokens)
     on_gpu = device != "cpu" and artifact_format(pair.target) in ("hf", "source", "peft")

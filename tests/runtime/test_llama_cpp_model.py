@@ -284,3 +284,22 @@ def test_no_decode_call_is_one_token_with_steady_shapes() -> None:
     assert chunks(1025, 512, steady=True) == [(0, 512), (512, 511), (1023, 2)]
     assert chunks(1, 512, steady=True) == [(0, 1)]
     assert chunks(600, 512, steady=True) == [(0, 512), (512, 88)]
+
+
+def test_the_cache_figure_from_gguf_metadata_is_what_llama_cpp_allocates(gguf_folder: Path) -> None:
+    """The server's memory check reads a bare GGUF folder's cache size from the file's metadata."""
+    import re
+
+    from slimline.memory import serving_memory
+    from slimline.runtime import gguf_cache_bytes_per_token, gguf_context
+    from slimline.runtime.llama_cpp_model import collect_llama_cpp_log
+
+    per_token = gguf_cache_bytes_per_token(gguf_folder / MODEL_FILE)
+    assert per_token == 2 * 4 * (16 + 16) * 2  # layers x KV heads x (key + value length) x f16
+    assert gguf_context(gguf_folder / MODEL_FILE) == 256
+    cells = 16384
+    with collect_llama_cpp_log() as lines:
+        LlamaCppModel(gguf_folder, cache_tokens=cells).close()
+    allocated = [float(m) for m in re.findall(r"KV buffer size =\s*([\d.]+) MiB", "".join(lines))]
+    assert allocated and sum(allocated) * 2**20 == per_token * cells
+    assert serving_memory([gguf_folder], max_active=2, context=256).cache_per_token == per_token
