@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -319,6 +320,48 @@ def measure_all(configs: list[Config], args, prompts: list[str], binary: Path | 
     return rows
 
 
+HEAD_TO_HEAD = ("llama-server -np N", "slimline gguf batched")
+
+
+def head_to_head(
+    configs: list[Config], args, prompts: list[str], binary: Path | None, rows: list[dict], tokenizer
+) -> dict | None:
+    """``--rounds`` more measurements of llama-server and slimline on GGUF at the most clients, taken in turn.
+
+    The two run within a few percent of each other and this machine drifts 10-20% over minutes, so
+    one measurement of each, minutes apart, cannot order them: alternating rounds see the same
+    drift, and the check compares medians (the grid's measurement is the first round of each).
+    """
+    clients = max(args.clients)
+    pair = [next((c for c in configs if c.name == name), None) for name in HEAD_TO_HEAD]
+    first = [find(rows, name, clients) for name in HEAD_TO_HEAD]
+    alone = [find(rows, name, 1) for name in HEAD_TO_HEAD]
+    if args.rounds < 2 or None in pair or None in first or None in alone:
+        return None
+    rates = {name: [row["tokens_per_s"]] for name, row in zip(HEAD_TO_HEAD, first, strict=True)}
+    references = {name: row["texts"] for name, row in zip(HEAD_TO_HEAD, alone, strict=True)}  # each prompt alone
+    errors = mismatches = 0
+    with tempfile.TemporaryDirectory(prefix="slimline-serving-") as scratch:
+        for turn in range(1, args.rounds):
+            for config in pair if turn % 2 else reversed(pair):  # neither always goes first
+                print(f"head to head, round {turn + 1}: {config.name}, {clients} clients ...", flush=True)
+                results, wall, _ = measure(config, clients, args, prompts, binary, Path(scratch))
+                row = summary(results, wall, references[config.name], tokenizer)
+                errors, mismatches = errors + row["errors"], mismatches + row["mismatches"]
+                rates[config.name].append(row["tokens_per_s"])
+                print(f"  {rates[config.name][-1]:.1f} tok/s", flush=True)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    return {
+        "clients": clients,
+        "tokens_per_s": {name: [round(v, 1) for v in values] for name, values in rates.items()},
+        "medians": {name: round(value, 1) for name, value in medians.items()},
+        "ratio_of_medians": medians[HEAD_TO_HEAD[1]] / medians[HEAD_TO_HEAD[0]],
+        "round_ratios": [round(b / a, 3) for a, b in zip(*rates.values(), strict=True)],
+        "errors": errors,
+        "mismatches": mismatches,
+    }
+
+
 def shown(command: list[str]) -> str:
     """A server command as the results show it: the program's name, the free port it got as PORT."""
     port = command.index("--port") + 1
@@ -361,13 +404,23 @@ def identical_outputs(a: dict | None, b: dict | None) -> str | None:
     return f"{same}/{len(a['texts'])}"
 
 
-def llama_cpp_checks(rows: list[dict], clients: int) -> dict:
-    """(b) slimline on GGUF: one stream >= 1.3x ``llama-server -md`` (identical output); at most clients >= ``-np``."""
+def llama_cpp_checks(rows: list[dict], clients: int, rounds: dict | None = None) -> dict:
+    """(b) slimline on GGUF: one stream >= 1.3x ``llama-server -md`` (identical output); at most clients >= ``-np``.
+
+    With head-to-head ``rounds``, the second compares the medians of the alternating rounds.
+    """
     single, speculative = find(rows, "slimline gguf batched", 1), find(rows, "llama-server -np N -md", 1)
     identical = identical_outputs(single, speculative)
     single_ratio = ratio(single, speculative)
     crowd, plain = find(rows, "slimline gguf batched", clients), find(rows, "llama-server -np N", clients)
     crowd_ratio = ratio(crowd, plain)
+    crowd_errors = crowd and crowd["errors"]
+    if rounds is not None:
+        crowd_ratio = rounds["ratio_of_medians"]
+        crowd_errors = crowd_errors + rounds["errors"] + rounds["mismatches"]  # a differing output fails it too
+        crowd_rate, plain_rate = (rounds["medians"][name] for name in reversed(HEAD_TO_HEAD))
+    else:
+        crowd_rate, plain_rate = crowd and crowd["tokens_per_s"], plain and plain["tokens_per_s"]
     return {
         "llama_cpp_single_stream_1.3x_llama_server_md": {
             "slimline_tokens_per_s": single and single["tokens_per_s"],
@@ -381,16 +434,17 @@ def llama_cpp_checks(rows: list[dict], clients: int) -> dict:
         },
         f"llama_cpp_{clients}_clients_at_least_llama_server_np": {
             "clients": clients,
-            "slimline_tokens_per_s": crowd and crowd["tokens_per_s"],
-            "llama_server_np_tokens_per_s": plain and plain["tokens_per_s"],
+            "slimline_tokens_per_s": crowd_rate,
+            "llama_server_np_tokens_per_s": plain_rate,
             "ratio": crowd_ratio,
-            "errors": crowd and crowd["errors"],
-            "pass": crowd_ratio is not None and crowd_ratio >= 1.0 and crowd["errors"] == 0,
+            **({"rounds": len(rounds["round_ratios"]), "round_ratios": rounds["round_ratios"]} if rounds else {}),
+            "errors": crowd_errors,
+            "pass": crowd_ratio is not None and crowd_ratio >= 1.0 and crowd_errors == 0,
         },
     }
 
 
-def checks(rows: list[dict], groups: list[str]) -> dict:
+def checks(rows: list[dict], groups: list[str], rounds: dict | None = None) -> dict:
     """The issue's acceptance checks, measured or not (a missing measurement fails)."""
     clients = max(r["clients"] for r in rows)
     result = {
@@ -398,7 +452,7 @@ def checks(rows: list[dict], groups: list[str]) -> dict:
         for group in groups
         if group.startswith("slimline") and not group.endswith(FAST_GGUF)  # the fast group is for comparison
     }
-    return {**result, **llama_cpp_checks(rows, clients)}
+    return {**result, **llama_cpp_checks(rows, clients, rounds)}
 
 
 ROW_COLUMNS = (
@@ -436,6 +490,17 @@ def markdown(result: dict) -> str:
         "",
     ]
     lines += [*checks_table(result["checks"]), ""]
+    rounds = result.get("head_to_head")
+    if rounds:
+        lines += [
+            f"Head to head at {rounds['clients']} clients, fresh servers taken in turn (tokens/s of each round): "
+            + "; ".join(
+                f"{name} {values} (median {rounds['medians'][name]})" for name, values in rounds["tokens_per_s"].items()
+            )
+            + f"; slimline / llama-server by round {rounds['round_ratios']}, ratio of medians "
+            f"{rounds['ratio_of_medians']:.3f}.",
+            "",
+        ]
     lines += markdown_table(ROW_COLUMNS, result["rows"])
     if result["skipped"]:
         lines += ["", "Not measured: " + "; ".join(f"{name}: {why}" for name, why in result["skipped"].items()) + "."]
@@ -464,11 +529,18 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="Measurements each of llama-server -np N and slimline on GGUF at the most clients, taken in turn "
+        "(the grid's is the first); 1: the grid's only.",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--quick", action="store_true", help="A smoke run of a few minutes: supports no claim.")
     args = parser.parse_args()
     if args.quick:
-        args.clients, args.requests_per_client, args.new_tokens = [1, 4], 1, 24
+        args.clients, args.requests_per_client, args.new_tokens, args.rounds = [1, 4], 1, 24, 2
         args.backends = [b for b in args.backends if b != "pytorch"]
     args.clients = sorted(set(args.clients) | {1})  # one client gives the references
     return args
@@ -495,6 +567,7 @@ def main() -> None:
     binary = llama_server_binary()
     configs, skipped = configurations(args, binary)
     rows = measure_all(configs, args, prompts, binary, tokenizer)
+    rounds = head_to_head(configs, args, prompts, binary, rows, tokenizer)
     result = {
         "machine": machine_description(),
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
@@ -506,7 +579,8 @@ def main() -> None:
         "requests_per_client": args.requests_per_client,
         "skipped": skipped,
         "rows": rows,
-        "checks": checks(rows, list(dict.fromkeys(c.group for c in configs))),
+        "head_to_head": rounds,
+        "checks": checks(rows, list(dict.fromkeys(c.group for c in configs)), rounds),
         "seconds": round(time.perf_counter() - started, 1),
     }
     for row in rows:  # the texts served the identity checks; the JSON keeps figures

@@ -49,7 +49,7 @@ from slimline.artifacts import (
     write_json_atomic,
 )
 from slimline.config import INPUT_ID, DataSource, Pipeline, StageConfig, check_stage_shape, topological_order
-from slimline.data import load_texts, source_fingerprint, tokenize_stream
+from slimline.data import cached_token_stream, load_texts, source_fingerprint
 from slimline.devices import describe_device, resolve_device
 from slimline.errors import StageError
 from slimline.evaluate import Evaluator
@@ -362,9 +362,9 @@ class Runner:
         return sorted({split for stage in self.config.stages for split in stage_spec(stage.kind).data})
 
     def load_stream(self, split: str) -> torch.Tensor:
-        """Tokenize a split with the input model's tokenizer."""
+        """Tokenize a split with the input model's tokenizer (through the token cache)."""
         texts = load_texts(self.data_source(split), self.base)
-        return tokenize_stream(load_tokenizer(self.model_source), texts)
+        return cached_token_stream(load_tokenizer(self.model_source), texts)
 
     # --- evaluation and reports ----------------------------------------------------------
 

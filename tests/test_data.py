@@ -92,3 +92,31 @@ def test_pack_and_sample_windows() -> None:
     assert all((row[1:] - row[:-1] == 1).all() for row in windows)
     with pytest.raises(ConfigError, match="at least 11 are needed"):
         sample_windows(torch.arange(10), 1, 10, torch.Generator())
+
+
+def test_token_cache_returns_the_stream_tokenizing_would_and_follows_every_input(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slimline.data import cached_token_stream, token_cache_folder, tokenize_stream
+    from slimline.models import load_tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tokenizer = load_tokenizer(tiny_model)
+    texts = ["def f(x):\n    return x\n", "print('héllo')\n"]
+    fresh = tokenize_stream(tokenizer, texts)
+    first = cached_token_stream(tokenizer, texts)
+    entries = list(token_cache_folder().glob("*.npy"))
+    assert len(entries) == 1 and torch.equal(first, fresh)
+    again = cached_token_stream(tokenizer, texts)  # read back from the entry
+    assert torch.equal(again, fresh) and again.dtype == torch.long
+
+    changed = [texts[0], texts[1].replace("h", "j")]  # one changed character is another key
+    assert torch.equal(cached_token_stream(tokenizer, changed), tokenize_stream(tokenizer, changed))
+    split_differently = ["def f(x):\n", "    return x\n" + texts[1]]  # same bytes, other documents
+    assert torch.equal(cached_token_stream(tokenizer, split_differently), tokenize_stream(tokenizer, split_differently))
+    assert len(list(token_cache_folder().glob("*.npy"))) == 3
+
+    entries[0].write_bytes(b"not an array")  # a damaged entry is tokenized again and replaced
+    assert torch.equal(cached_token_stream(tokenizer, texts), fresh)
+    assert torch.equal(cached_token_stream(tokenizer, texts), fresh)
+    assert not list(token_cache_folder().glob("*.partial"))
