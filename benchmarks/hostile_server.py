@@ -27,6 +27,9 @@ from pathlib import Path
 import httpx2 as httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+
+from speculative import free_port, wait_until_up
 
 from slimline.hardware import machine_description
 from slimline.models import BUILTIN_MODELS
@@ -40,27 +43,17 @@ PROMPTS = ["import os\n\ndef ", "class Stack:\n    def __init__(self", "for i in
 MAX_TOKENS = 64
 
 
-def free_port() -> int:
-    """A free TCP port on localhost."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(port: int, log: Path) -> subprocess.Popen:
     """``slimline serve`` on the built-in model with the default limits; returns once /health answers."""
     command = [sys.executable, "-m", "slimline.cli", "serve", str(BUILTIN_MODELS["stdlib-coder"])]
     command += ["--port", str(port), "--model-name", MODEL, "--max-active", "8"]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"slimline serve did not start; see {log}")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}", process, timeout=180, log=log)
+    except SystemExit:
+        process.kill()
+        raise
+    return process
 
 
 def memory_mb(pid: int) -> dict[str, float]:
