@@ -32,6 +32,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from slimline.models import cache_keyword
 from slimline.runtime.layout import INPUT_NAMES, LOGIT_POSITIONS, CacheLayout
 
 # The attention the graph is traced with, for families whose eager attention is the plain formula
@@ -59,12 +60,12 @@ class DecoderStep(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=logit_positions,  # transformers keeps these positions of every row
+            **{cache_keyword(self.model): cache},
         )
         presents = []
-        for layer in output.past_key_values.layers:
+        for layer in cache.layers:  # updated in place with this pass's keys and values
             presents += [layer.keys, layer.values]
         return (output.logits, *presents)
 

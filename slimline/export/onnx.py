@@ -31,7 +31,7 @@ from slimline.errors import StageError
 from slimline.export.decoder_graph import export_decoder
 from slimline.export.int8_graph import quantize_graph_per_token
 from slimline.hardware import cpu_flags, has_vnni, safe_int8_weight_bits
-from slimline.models import load_parent_model
+from slimline.models import cache_keyword, load_parent_model
 from slimline.runtime.layout import LOGIT_POSITIONS, CacheLayout
 from slimline.runtime.onnx_model import MODEL_FILE, open_session, session_layout
 from slimline.runtime.onnx_model import OnnxModel as GraphModel
@@ -312,10 +312,10 @@ def greedy_torch(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
     """Greedy tokens from PyTorch with transformers' KV cache (plain argmax, no logits processors)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    logits = model(input_ids=prompt[None], past_key_values=cache, use_cache=True).logits
+    cache = {cache_keyword(model): DynamicCache()}
+    logits = model(input_ids=prompt[None], use_cache=True, **cache).logits
     tokens = [int(logits[0, -1].argmax())]
     for _ in range(new_tokens - 1):
-        logits = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **cache).logits
         tokens.append(int(logits[0, -1].argmax()))
     return tokens

@@ -8,6 +8,7 @@ refused, since unpickling runs arbitrary code.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -140,6 +141,17 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
             shutil.copy2(source / name, destination / name)
             copied.append(name)
     return copied
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword a causal LM's forward takes its KV cache by.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in
+    5.40); earlier 5.x releases know only ``past_key_values``. A PEFT wrapper passes keywords on
+    to its base model, whose signature decides.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def count_parameters(model: torch.nn.Module) -> int:

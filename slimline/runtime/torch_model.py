@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from slimline.models import cache_keyword
 from slimline.runtime.base import Feed, RuntimeModel, Sequence, check_feeds
 from slimline.runtime.ragged import pad_caches, ragged_batch, row_cache, row_logits
 
@@ -149,8 +150,8 @@ class TorchModel(RuntimeModel):
             input_ids=batch.input_ids.to(device),
             attention_mask=batch.attention_mask.to(device),
             position_ids=batch.position_ids.to(device),
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(self.model): cache},
         )
         presents = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
         for row, sequence in enumerate(sequences):
