@@ -302,14 +302,18 @@ def cached_token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) ->
         return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
     except FileNotFoundError:
         pass
-    except (OSError, ValueError) as error:  # a damaged entry: tokenize again and replace it
+    except (OSError, ValueError, EOFError) as error:  # a damaged entry: tokenize again and replace it
         log.debug("token cache entry %s unreadable (%s); tokenizing again", path, error)
     stream = tokenize_stream(tokenizer, texts)
+    partial = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as handle:
+            partial = Path(handle.name)
             np.save(handle, stream.numpy().astype(np.uint16 if int(stream.max()) < 2**16 else np.int32))
-        Path(handle.name).replace(path)  # whole or absent: a concurrent run never reads a partial entry
+        partial.replace(path)  # whole or absent: a concurrent run never reads a partial entry
     except OSError as error:  # a read-only or full cache folder costs the speed-up only
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         log.debug("token cache not written to %s: %s", path, error)
     return stream

@@ -116,7 +116,10 @@ def test_token_cache_returns_the_stream_tokenizing_would_and_follows_every_input
     assert torch.equal(cached_token_stream(tokenizer, split_differently), tokenize_stream(tokenizer, split_differently))
     assert len(list(token_cache_folder().glob("*.npy"))) == 3
 
-    entries[0].write_bytes(b"not an array")  # a damaged entry is tokenized again and replaced
-    assert torch.equal(cached_token_stream(tokenizer, texts), fresh)
+    for damage in (b"not an array", b""):  # a damaged entry is tokenized again and replaced
+        entries[0].write_bytes(damage)
+        assert torch.equal(cached_token_stream(tokenizer, texts), fresh)
+        assert torch.equal(cached_token_stream(tokenizer, texts), fresh)
+    entries[0].write_bytes(entries[0].read_bytes()[:-3])  # cut short
     assert torch.equal(cached_token_stream(tokenizer, texts), fresh)
     assert not list(token_cache_folder().glob("*.partial"))
