@@ -63,6 +63,7 @@ from slimline.reports.comparison import write_run_reports
 from slimline.reports.stage import evaluation_key, read_report, write_stage_report
 from slimline.reproducibility import library_versions, write_manifest
 from slimline.runlog import RUN_LOG, captured_output, run_folder, run_log
+from slimline.runtime.checkpoint import checkpoint_context
 from slimline.stage import DataAccess, StageContext
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,9 @@ class Runner:
         floor = floor_for(stage.kind, stage.check.min_top1_agreement, stage.check.max_kl)
         if floor is None or not stage.check.enabled:
             return None
-        windows = check_windows(self.data.stream("calibration"), stage.check.tokens, model_context(parent))
+        windows = check_windows(
+            self.data.stream("calibration"), stage.check.tokens, checkpoint_context(parent.model_path)
+        )
         with self.progress.task(f"{stage.id}: output check", 1) as advance:
             parent_backend = open_backend(parent, device)
             try:
@@ -460,16 +463,6 @@ def log_outcome(result: StageResult) -> None:
             f"; output check: top-1 agreement {check['top1_agreement']:.3f}, KL {check['kl']:.4f}" if check else ""
         )
         log.info("%s: ran in %.1fs%s", label, result.run_seconds, figures)
-
-
-def model_context(artifact: Artifact) -> int | None:
-    """The context length of an HF artifact's model (None where its config does not say)."""
-    config_file = artifact.model_path / "config.json"
-    if not config_file.exists():
-        return None
-    from transformers import AutoConfig
-
-    return getattr(AutoConfig.from_pretrained(artifact.model_path), "max_position_embeddings", None)
 
 
 def summarize(outcome: RunResult, pipeline: Pipeline) -> dict[str, Any]:
