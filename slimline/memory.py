@@ -427,14 +427,14 @@ def serving_memory(folders: list[Path], max_active: int, context: int) -> Servin
         gguf = folder / "model.gguf"
         files = [*folder.glob("*.onnx"), *folder.glob("*.onnx.data"), *folder.glob("*.gguf")]
         weights += sum(f.stat().st_size for f in files) if files else (float32_weight_bytes(checkpoint) or 0)
-        if gguf.exists():  # llama.cpp's f16 cache, as the GGUF's own metadata shapes it (a bare folder has no config)
-            cache += gguf_cache_bytes_per_token(gguf) or 0
-            continue
         try:
             figures = model_figures(checkpoint_shape(checkpoint))
-        except Exception:  # a config the meta build cannot take: no cache figure
-            continue
-        cache += 2 * figures.layers * figures.kv * FP32
+        except Exception:  # no config (a bare GGUF folder) or one the meta build cannot take
+            figures = None
+        if figures is not None:
+            cache += 2 * figures.layers * figures.kv * (BF16 if gguf.exists() else FP32)
+        elif gguf.exists():  # llama.cpp's f16 cache as the GGUF's own metadata shapes it (a slower read)
+            cache += gguf_cache_bytes_per_token(gguf) or 0
     return ServingMemory(weights, cache, context, max_active)
 
 

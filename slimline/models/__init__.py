@@ -8,6 +8,7 @@ refused, since unpickling runs arbitrary code.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import shutil
@@ -151,7 +152,13 @@ def cache_keyword(model: torch.nn.Module) -> str:
     to its base model, whose signature decides.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return forward_cache_keyword(type(base))
+
+
+@functools.cache
+def forward_cache_keyword(model_class: type) -> str:
+    """``cache_keyword`` of a model class, read once: a runtime asks on every pass."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def count_parameters(model: torch.nn.Module) -> int:
