@@ -338,25 +338,33 @@ def head_to_head(
     alone = [find(rows, name, 1) for name in HEAD_TO_HEAD]
     if args.rounds < 2 or None in pair or None in first or None in alone:
         return None
-    rates = {name: [row["tokens_per_s"]] for name, row in zip(HEAD_TO_HEAD, first, strict=True)}
+    rounds = [{name: row["tokens_per_s"] for name, row in zip(HEAD_TO_HEAD, first, strict=True)}]
     references = {name: row["texts"] for name, row in zip(HEAD_TO_HEAD, alone, strict=True)}  # each prompt alone
     errors = mismatches = 0
     with tempfile.TemporaryDirectory(prefix="slimline-serving-") as scratch:
         for turn in range(1, args.rounds):
+            rounds.append({})
             for config in pair if turn % 2 else reversed(pair):  # neither always goes first
                 print(f"head to head, round {turn + 1}: {config.name}, {clients} clients ...", flush=True)
-                results, wall, _ = measure(config, clients, args, prompts, binary, Path(scratch))
+                try:
+                    results, wall, _ = measure(config, clients, args, prompts, binary, Path(scratch))
+                except (SystemExit, Exception) as error:  # as measure_all: keep what was measured, count it
+                    print(f"  failed: {type(error).__name__}: {error}"[-300:], flush=True)
+                    errors += 1
+                    continue
                 row = summary(results, wall, references[config.name], tokenizer)
                 errors, mismatches = errors + row["errors"], mismatches + row["mismatches"]
-                rates[config.name].append(row["tokens_per_s"])
-                print(f"  {rates[config.name][-1]:.1f} tok/s", flush=True)
+                rounds[-1][config.name] = row["tokens_per_s"]
+                print(f"  {row['tokens_per_s']:.1f} tok/s", flush=True)
+    rates = {name: [turn[name] for turn in rounds if name in turn] for name in HEAD_TO_HEAD}
     medians = {name: statistics.median(values) for name, values in rates.items()}
+    server, slimline = HEAD_TO_HEAD
     return {
         "clients": clients,
         "tokens_per_s": {name: [round(v, 1) for v in values] for name, values in rates.items()},
         "medians": {name: round(value, 1) for name, value in medians.items()},
-        "ratio_of_medians": medians[HEAD_TO_HEAD[1]] / medians[HEAD_TO_HEAD[0]],
-        "round_ratios": [round(b / a, 3) for a, b in zip(*rates.values(), strict=True)],
+        "ratio_of_medians": medians[slimline] / medians[server],
+        "round_ratios": [round(turn[slimline] / turn[server], 3) for turn in rounds if len(turn) == 2],
         "errors": errors,
         "mismatches": mismatches,
     }
