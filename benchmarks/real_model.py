@@ -34,10 +34,11 @@ from typing import Any
 import torch
 import transformers
 
+from slimline import cache_dir
 from slimline.config import load_pipeline
 from slimline.evaluate.backends import open_backend
 from slimline.evaluate.latency import time_one_decode
-from slimline.hardware import cache_dir, machine_description
+from slimline.hardware import machine_description
 from slimline.reports.tables import checks_table, keyed, markdown_table, write_results
 from slimline.runner import Runner
 

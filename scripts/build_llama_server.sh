@@ -6,7 +6,7 @@
 set -euo pipefail
 python=${PYTHON:-python}
 version=$("$python" -c "import llama_cpp; print(llama_cpp.__version__)")
-home="${XDG_CACHE_HOME:-$HOME/.cache}/slimline/llama.cpp-$version"
+home="${SLIMLINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/slimline}/llama.cpp-$version"  # slimline.cache_dir
 if [ -x "$home/bin/llama-server" ]; then echo "$home/bin/llama-server"; exit 0; fi
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 import sysconfig
 import tempfile
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
+from slimline import cache_dir
 from slimline.errors import ConfigError
 from slimline.sources import LocalData
 from slimline.untrusted import UntrustedInputError, json_depth, read_bytes_bounded
@@ -268,8 +268,8 @@ TOKEN_CACHE_VERSION = 1
 
 
 def token_cache_folder() -> Path:
-    """Where packed token streams are kept (``$XDG_CACHE_HOME/slimline/tokens``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slimline" / "tokens"
+    """Where packed token streams are kept: ``tokens`` in slimline's cache folder (``slimline.cache_dir``)."""
+    return cache_dir() / "tokens"
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str | None:

@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from slimline import cache_dir
+
 log = logging.getLogger(__name__)
 
 # CPU flags that decide which kernels are fast: bf16 (AMX, AVX512-BF16) and int8 dot products (VNNI).
@@ -220,11 +222,6 @@ def machine_key() -> str:
     """Identifies what the micro-benchmark depends on: CPU model and flags, torch version, threads."""
     text = json.dumps([cpu_model(), sorted(cpu_flags()), torch.__version__, torch.get_num_threads()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    """Slimline's per-user cache folder (``SLIMLINE_CACHE`` overrides it)."""
-    return Path(os.environ.get("SLIMLINE_CACHE") or Path.home() / ".cache" / "slimline")
 
 
 def _read_json(path: Path) -> dict[str, object]:

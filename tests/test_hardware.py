@@ -84,6 +84,28 @@ def test_choice_on_this_machine_is_cached_and_recorded(tmp_path, monkeypatch) ->
     assert choice.chosen == "fp32" or choice.bf16_slowdown <= 1.0
 
 
+@pytest.mark.unit
+def test_cache_folder_is_slimline_cache_then_xdg_then_home(tmp_path, monkeypatch) -> None:
+    from slimline import cache_dir
+    from slimline.data import token_cache_folder
+    from slimline.models.gguf_source import models_cache
+    from slimline.quantize.gguf_converter import converter_home
+
+    monkeypatch.delenv("SLIMLINE_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "slimline"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "slimline"
+    monkeypatch.setenv("SLIMLINE_CACHE", str(tmp_path / "own"))
+    # every cache of slimline moves with it
+    assert [token_cache_folder(), models_cache(), converter_home("1.2.3")] == [
+        tmp_path / "own" / "tokens",
+        tmp_path / "own" / "gguf-models",
+        tmp_path / "own" / "llama.cpp-1.2.3",
+    ]
+
+
 @pytest.mark.stage
 def test_lora_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_why(tiny_model, tmp_path, monkeypatch) -> None:
     from slimline.config import load_pipeline

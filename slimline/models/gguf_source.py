@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from importlib import metadata
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from slimline import cache_dir
 from slimline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,8 @@ EDGE_TEXTS = (
 
 
 def models_cache() -> Path:
-    """Where converted GGUF models live: ``$XDG_CACHE_HOME/slimline/gguf-models`` (default ``~/.cache``)."""
-    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache_root / "slimline" / "gguf-models"
+    """Where converted GGUF models live: ``gguf-models`` in slimline's cache folder (``slimline.cache_dir``)."""
+    return cache_dir() / "gguf-models"
 
 
 def convert_gguf_source(path: Path) -> Path:

@@ -3,7 +3,7 @@
 The converter (``convert_hf_to_gguf.py``, its ``conversion`` package and ``gguf-py``) ships in
 llama-cpp-python's source distribution (``vendor/llama.cpp``), not in its wheel. ``fetch``
 unpacks just those files, for the installed llama-cpp-python version, into
-``~/.cache/slimline/llama.cpp-<version>/`` (``$XDG_CACHE_HOME`` is honoured), with a
+``~/.cache/slimline/llama.cpp-<version>/`` (slimline's cache folder, ``slimline.cache_dir``), with a
 ``converter.json`` naming the version and the llama.cpp commit, so the converter and the
 runtime that loads its files always come from the same llama.cpp. ``make install`` runs it::
 
@@ -25,7 +25,6 @@ import argparse
 import ast
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
+from slimline import cache_dir
 from slimline.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ def llama_cpp_version() -> str | None:
 
 def converter_home(version: str) -> Path:
     """The cache folder that holds the converter of llama-cpp-python ``version``."""
-    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache_root / "slimline" / f"llama.cpp-{version}"
+    return cache_dir() / f"llama.cpp-{version}"
 
 
 def fetch_command() -> str:
