@@ -416,7 +416,12 @@ async def respond(
 async def stream_events(
     request: Request, handle, events: asyncio.Queue[Event], reply: ReplyShape
 ) -> AsyncIterator[str]:
-    """Server-sent events, one chunk per engine event; a disconnect cancels the request."""
+    """Server-sent events, one chunk per engine event; a disconnect cancels the request.
+
+    A disconnect shows when a chunk is written; events without text write nothing, so after a
+    second without a write the connection is asked directly.
+    """
+    last_contact = time.monotonic()
     try:
         if reply.chat:
             yield sse(reply.chunk({"role": "assistant", "content": ""}, None))
@@ -425,11 +430,16 @@ async def stream_events(
                 async with asyncio.timeout(1.0):  # cheaper than wait_for, which makes a task per event
                     event = await events.get()
             except TimeoutError:
+                event = None
+            if (event is None or not event.text) and time.monotonic() - last_contact > 1.0:
                 if await request.is_disconnected():
                     handle.cancel()
                     return
+                last_contact = time.monotonic()
+            if event is None:
                 continue
             if event.text or event.finish_reason:
+                last_contact = time.monotonic()
                 finish = "stop" if event.finish_reason == "cancelled" else event.finish_reason
                 yield sse(reply.chunk(event.text, finish if event.finish_reason else None, event.usage))
             if event.finish_reason is not None:
