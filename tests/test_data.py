@@ -100,6 +100,7 @@ def test_token_cache_returns_the_stream_tokenizing_would_and_follows_every_input
     from slimline.data import cached_token_stream, token_cache_folder, tokenize_stream
     from slimline.models import load_tokenizer
 
+    monkeypatch.delenv("SLIMLINE_CACHE", raising=False)  # it would win over XDG_CACHE_HOME
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     tokenizer = load_tokenizer(tiny_model)
     texts = ["def f(x):\n    return x\n", "print('héllo')\n"]

@@ -232,6 +232,7 @@ def test_imatrix_with_a_float_type_is_refused(wide_model: Path, tmp_path: Path) 
 
 
 def test_preflight_names_the_fetch_command_without_the_converter(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("SLIMLINE_CACHE", raising=False)  # it would win over XDG_CACHE_HOME
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     reasons = missing_requirements("quantize.gguf")
     assert any(gguf_converter.fetch_command() in reason for reason in reasons)
