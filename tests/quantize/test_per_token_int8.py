@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from slimline.hardware import safe_int8_weight_bits
 from slimline.quantize.int8 import PerTokenInt8Linear
 
 pytestmark = pytest.mark.unit
@@ -49,6 +50,10 @@ def test_an_outlier_token_does_not_spoil_the_others() -> None:
 
 @pytest.mark.parametrize("bits", [8, 7])
 def test_onnx_rewrite_computes_what_the_torch_module_computes(tmp_path, bits: int) -> None:
+    if bits > safe_int8_weight_bits():
+        # Without VNNI, ONNX Runtime's U8S8 kernel adds pairs of products in 16 bits and saturates
+        # on 8-bit weights: that is why the export stores 7-bit weights on such CPUs.
+        pytest.skip("8-bit weights saturate ONNX Runtime's int8 kernels on a CPU without VNNI")
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper, numpy_helper
