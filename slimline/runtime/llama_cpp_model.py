@@ -24,11 +24,18 @@ A one-token pass rounds differently from every other: llama.cpp's matrix-vector 
 token sums in another order than its matrix-matrix path, which gives a decoding row bit-identical
 logits whatever else is in a pass of two or more tokens (measured on SmolLM2: max |diff| 0.029
 between a row decoded alone and the same row in any larger pass, 0 among larger passes; a prompt
-prefilled among other prompts may still differ in the last bits, 3e-8 on a tiny model). So with
-``steady_shapes`` (the server's setting) a one-token pass carries a second, throwaway token after
-it, on the same sequence, whose cell is dropped at once; no ``llama_decode`` chunk is one token;
-and a chunk that returns one row of logits returns a second, thrown away (the output layer runs
-only on the rows returned).
+prefilled among other prompts may still differ in the last bits, 3e-8 on a tiny model). What
+counts is the *ubatch*, the unit llama.cpp computes, not the ``llama_decode`` call: with a split
+cache llama.cpp cuts a call into ubatches that each take a run of consecutive sequence ids and
+the same number of tokens from each (``llama_cpp_ubatches``), so rows of unequal length, or
+sequence ids with gaps, leave lone one-token ubatches inside a call of many tokens (measured on
+the SmolLM2 target, AVX2: rows of 4 and 3 tokens on sequences 0 and 1 give sequence 0 a one-token
+ubatch and logits 0.0145 off its own; 1 of 32 greedy replies differed at 16 clients). So with
+``steady_shapes`` (the server's setting) rows run in ascending sequence id, a call holds whole
+rows, and a row whose piece of a ubatch would be its lone token gets a throwaway token after its
+own (its cell dropped at once, ``steady_padding``); a ubatch that returns one row of logits
+returns a second, thrown away (the output layer runs only on the rows returned). A row at the
+very end of its context has no room for one and may round differently.
 Then a greedy request gives the same tokens alone, batched, and verified in speculative rounds.
 
 Flash attention stays off and weights stay on the CPU, as llama-cpp-python's ``Llama`` (the old
@@ -126,26 +133,89 @@ class FlatBatch:
     tokens: np.ndarray  # int32 [total]
     positions: np.ndarray  # int32 [total]
     seq_pointers: np.ndarray  # uintp [total]: the address of each token's seq id (llama_seq_id *)
-    outputs: np.ndarray  # int8 [total]: 1 where llama.cpp returns logits
+    outputs: np.ndarray  # int8 [total]: 1 where the caller wants logits
+    returned: np.ndarray  # int8 [total]: 1 where llama.cpp returns logits (outputs, and spare rows)
+    row_starts: np.ndarray  # int64 [rows]: each row's first index
+    counts: np.ndarray  # int64 [rows]: each row's tokens, padding included
     row_outputs: list[int]  # logits rows per feed
 
 
-def flatten_feeds(feeds: list[Feed], seq_ids: np.ndarray, seq_table: np.ndarray) -> FlatBatch:
-    """Tokens, positions, seq ids and output flags of all rows, built with whole-array numpy operations."""
+def flatten_feeds(
+    feeds: list[Feed], seq_ids: np.ndarray, seq_table: np.ndarray, padding: list[int] | None = None
+) -> FlatBatch:
+    """Tokens, positions, seq ids and output flags of all rows, built with whole-array numpy operations.
+
+    ``padding``: throwaway tokens after each row's own (copies of its last token), which return no logits.
+    """
     rows = np.array([(len(f.tokens), f.sequence.length, f.all_logits) for f in feeds], dtype=np.int64)
-    counts, starts, every = rows[:, 0], rows[:, 1], rows[:, 2]
+    real, starts, every = rows[:, 0], rows[:, 1], rows[:, 2]
+    counts = real + np.asarray(padding if padding is not None else np.zeros(len(feeds)), dtype=np.int64)
     ends = np.cumsum(counts)
+    row_starts = ends - counts
     total = int(ends[-1])
-    tokens = np.fromiter(itertools.chain.from_iterable(feed.tokens for feed in feeds), dtype=np.int32, count=total)
-    # flat index j of row r holds position starts[r] + (j - first index of r)
-    positions = (np.arange(total) - np.repeat(ends - counts - starts, counts)).astype(np.int32)
+    own = itertools.chain.from_iterable(
+        f.tokens + f.tokens[-1:] * int(extra) for f, extra in zip(feeds, counts - real, strict=True)
+    )
+    tokens = np.fromiter(own, dtype=np.int32, count=total)
+    offsets = np.arange(total) - np.repeat(row_starts, counts)  # index within its row
+    positions = (offsets + np.repeat(starts, counts)).astype(np.int32)
     # each token points at its sequence's id in seq_table (all uintp: a signed operand would make float64)
     seq_pointers = np.repeat(seq_ids.astype(np.uintp), counts) * np.uintp(seq_table.itemsize)
     seq_pointers += np.uintp(seq_table.ctypes.data)
-    outputs = np.repeat(every.astype(np.int8), counts)
-    outputs[ends - 1] = 1  # every row returns at least its last position
-    row_outputs = np.where(every == 1, counts, 1).tolist()
-    return FlatBatch(tokens, positions, seq_pointers, outputs, row_outputs)
+    outputs = ((np.repeat(every, counts) == 1) & (offsets < np.repeat(real, counts))).astype(np.int8)
+    outputs[row_starts + real - 1] = 1  # every row returns at least its last own position
+    row_outputs = np.where(every == 1, real, 1).tolist()
+    return FlatBatch(tokens, positions, seq_pointers, outputs, outputs.copy(), row_starts, counts, row_outputs)
+
+
+def llama_cpp_ubatches(seq_ids: list[int], counts: list[int], n_ubatch: int) -> list[list[tuple[int, int, int]]]:
+    """The ubatches llama.cpp cuts one ``llama_decode`` into with a split cache: (row, first token, tokens).
+
+    Rows in ascending sequence id, as ``forward`` lays them out. This is llama.cpp's
+    ``llama_batch_allocr::split_equal`` with ``sequential`` (each sequence its own cache stream): a
+    ubatch takes a run of rows with consecutive sequence ids and the same number of tokens from
+    each, the fewest any of them has left (fewer where the run would pass ``n_ubatch``).
+    """
+    left, done = list(counts), [0] * len(counts)
+    ubatches = []
+    while any(left):
+        run = [next(row for row, n in enumerate(left) if n)]
+        for row in range(run[0] + 1, len(left)):
+            if not left[row]:
+                continue
+            if seq_ids[row] != seq_ids[run[-1]] + 1:
+                break
+            run.append(row)
+        take = min(min(left[row] for row in run), max(1, n_ubatch // len(run)))
+        ubatches.append([(row, done[row], take) for row in run])
+        for row in run:
+            left[row] -= take
+            done[row] += take
+    return ubatches
+
+
+def steady_padding(seq_ids: list[int], counts: list[int], rooms: list[int], n_ubatch: int, spare: int) -> list[int]:
+    """Throwaway tokens per row so that no ubatch of the call is one token (where a row has room for them).
+
+    ``rooms``: the most each row may take (its context ends); ``spare``: the most in all (``n_batch``).
+    A row padded by one turns its lone one-token piece into two tokens; re-cutting finds the next.
+    """
+    padding, stuck = [0] * len(counts), set()
+    for _ in range(4 * len(counts) + 4):  # each turn pads or gives up on a row: a few turns per row at most
+        padded = [count + extra for count, extra in zip(counts, padding, strict=True)]
+        lone = [
+            ubatch[0][0]
+            for ubatch in llama_cpp_ubatches(seq_ids, padded, n_ubatch)
+            if len(ubatch) == 1 and ubatch[0][2] == 1 and ubatch[0][0] not in stuck
+        ]
+        if not lone:
+            break
+        row = lone[0]
+        if padding[row] < rooms[row] and sum(padding) < spare:
+            padding[row] += 1
+        else:
+            stuck.add(row)  # the end of its context: this piece stays one token (it may round differently)
+    return padding
 
 
 def chunks(total: int, size: int, steady: bool = False) -> list[tuple[int, int]]:
@@ -178,7 +248,7 @@ class BatchBuffers:
         self.tokens[:count] = flat.tokens[start:end]
         self.positions[:count] = flat.positions[start:end]
         self.seq_pointers[:count] = flat.seq_pointers[start:end]
-        self.outputs[:count] = flat.outputs[start:end]
+        self.outputs[:count] = flat.returned[start:end]
         self.batch.n_tokens = count
         return self.batch
 
@@ -342,36 +412,79 @@ class LlamaCppModel(RuntimeModel):
         check_feeds(feeds, self.context_length)
         if not feeds:
             return []
-        seq_ids = np.fromiter((self.seq_id_of(feed) for feed in feeds), dtype=np.int64, count=len(feeds))
-        widened = self.widened(feeds)
-        flat = flatten_feeds(widened or feeds, seq_ids, self.seq_table)
-        if widened:  # logits of the real token only
-            flat.outputs[1], flat.row_outputs = 0, [1]
+        # Rows in ascending sequence id: with a split cache llama.cpp puts consecutive ids in one ubatch.
+        order = sorted(range(len(feeds)), key=lambda index: self.seq_id_of(feeds[index]))
+        ordered = [feeds[index] for index in order]
+        logits: list[torch.Tensor] = []
         try:
-            logits = self.decode(flat)
+            for rows in self.calls(ordered):
+                logits += self.run(rows)
         except BaseException:
             for feed in feeds:  # a failed pass keeps nothing: each cache holds what its length says
                 self.remove_cells(feed.sequence.seq_id, feed.sequence.length)
             raise
         for feed in feeds:
             feed.sequence.length += len(feed.tokens)
-        if widened:
-            self.remove_cells(feeds[0].sequence.seq_id, feeds[0].sequence.length)  # the throwaway token
-        return list(torch.split(logits, flat.row_outputs))
+        in_feed_order: list[torch.Tensor] = [torch.empty(0)] * len(feeds)
+        for index, row in zip(order, logits, strict=True):
+            in_feed_order[index] = row
+        return in_feed_order
 
     @property
     def free_second_token(self) -> bool:
         """With steady shapes a one-token pass carries a throwaway token: a guess may take its place."""
         return self.steady_shapes
 
-    def widened(self, feeds: list[Feed]) -> list[Feed] | None:
-        """With ``steady_shapes``, a one-token pass as two tokens (the second thrown away); else None."""
-        if not self.steady_shapes or len(feeds) != 1 or len(feeds[0].tokens) != 1:
-            return None
-        feed = feeds[0]
-        if feed.sequence.length + 2 > self.context_length:
-            return None  # no room for the throwaway token: the last position of a full context
-        return [Feed(feed.sequence, feed.tokens * 2, all_logits=True)]
+    def calls(self, ordered: list[Feed]) -> list[list[Feed]]:
+        """The rows of each ``llama_decode`` call: all of them, or with ``steady_shapes`` whole rows per call.
+
+        A steady call holds whole rows of at most ``n_batch`` tokens (with a token of room per row for
+        padding), so the ubatches llama.cpp cuts it into are known; a longer row is a call of its own.
+        """
+        if not self.steady_shapes:
+            return [ordered]
+        calls: list[list[Feed]] = [[]]
+        used = 0
+        for feed in ordered:
+            count = len(feed.tokens)
+            if calls[-1] and (count + 1 > self.n_batch - used - len(calls[-1]) or count >= self.n_batch - 1):
+                calls.append([])
+                used = 0
+            calls[-1].append(feed)
+            used += count
+        return calls
+
+    def run(self, rows: list[Feed]) -> list[torch.Tensor]:
+        """One call's rows (ascending sequence ids), padded with ``steady_shapes``: each row's logits."""
+        seq_ids = [self.seq_id_of(feed) for feed in rows]
+        padding = None
+        if self.steady_shapes and sum(len(feed.tokens) for feed in rows) <= self.n_batch:
+            counts = [len(feed.tokens) for feed in rows]
+            rooms = [self.context_length - feed.sequence.length - len(feed.tokens) for feed in rows]
+            padding = steady_padding(seq_ids, counts, rooms, self.n_batch, self.n_batch - sum(counts))
+        flat = flatten_feeds(rows, np.array(seq_ids, dtype=np.int64), self.seq_table, padding)
+        total = len(flat.tokens)
+        spans = chunks(total, self.n_batch, self.steady_shapes)
+        if self.steady_shapes:
+            self.mark_spare_rows(flat, seq_ids, spans)
+        logits = self.decode(flat, spans)
+        for feed, extra in zip(rows, padding or [], strict=False):
+            if extra:  # the throwaway tokens' cells
+                self.remove_cells(feed.sequence.seq_id, feed.sequence.length + len(feed.tokens))
+        return list(torch.split(logits, flat.row_outputs))
+
+    def mark_spare_rows(self, flat: FlatBatch, seq_ids: list[int], spans: list[tuple[int, int]]) -> None:
+        """Ask for a second logits row in each ubatch that returns one (its output layer would be a vector pass)."""
+        if len(spans) == 1:
+            ubatches = [
+                np.concatenate([flat.row_starts[row] + first + np.arange(take) for row, first, take in ubatch])
+                for ubatch in llama_cpp_ubatches(seq_ids, flat.counts.tolist(), self.n_batch)
+            ]
+        else:  # one long row in several calls: each call is one ubatch
+            ubatches = [np.arange(start, start + count) for start, count in spans]
+        for indexes in ubatches:
+            if len(indexes) > 1 and int(flat.returned[indexes].sum()) == 1:
+                flat.returned[indexes[flat.returned[indexes] == 0][0]] = 1
 
     def seq_id_of(self, feed: Feed) -> int:
         """The row's llama.cpp sequence id, after checking the sequence is an open one of this model."""
@@ -380,39 +493,24 @@ class LlamaCppModel(RuntimeModel):
             raise ValueError(f"a batch row holds a sequence of another model than {self.name}")
         return sequence.open_id()
 
-    def decode(self, flat: FlatBatch) -> torch.Tensor:
-        """``llama_decode`` the flat batch in chunks of ``n_batch`` tokens; the logits asked for, in row order."""
-        total = len(flat.tokens)
+    def decode(self, flat: FlatBatch, spans: list[tuple[int, int]]) -> torch.Tensor:
+        """``llama_decode`` each (start, count) span of the flat batch; the logits asked for, in row order."""
         logits = torch.empty(int(flat.outputs.sum(dtype=np.int64)), self.n_vocab, dtype=torch.float32)
         rows, done = logits.numpy(), 0
-        for start, count in chunks(total, self.n_batch, self.steady_shapes):
+        for start, count in spans:
             batch = self.buffers.load(flat, start, count)
-            wanted = flat.outputs[start : start + count]
-            outputs = int(wanted.sum(dtype=np.int64))
-            spare = self.spare_output(wanted)
-            if spare is not None:
-                self.buffers.outputs[spare] = 1
             code = self.api.llama_decode(self.ctx, batch)
             if code != 0:
-                raise self.decode_error(code, total)
-            if outputs:
-                returned = outputs + (spare is not None)
-                block = np.ctypeslib.as_array(self.api.llama_get_logits(self.ctx), shape=(returned, self.n_vocab))
-                if spare is not None:  # rows come in token order: keep the one asked for
-                    block = block[1:] if spare < int(np.flatnonzero(wanted)[0]) else block[:1]
-                rows[done : done + outputs] = block
-                done += outputs
+                raise self.decode_error(code, len(flat.tokens))
+            returned = flat.returned[start : start + count] == 1
+            if returned.any():
+                block = np.ctypeslib.as_array(
+                    self.api.llama_get_logits(self.ctx), shape=(int(returned.sum()), self.n_vocab)
+                )
+                wanted = block[flat.outputs[start : start + count][returned] == 1]  # rows come in token order
+                rows[done : done + len(wanted)] = wanted
+                done += len(wanted)
         return logits
-
-    def spare_output(self, wanted: np.ndarray) -> int | None:
-        """With ``steady_shapes``, a second token of a chunk to return logits for when only one is asked for.
-
-        llama.cpp's output layer runs on the returned rows only, and one row takes the
-        matrix-vector path (see the module), so a lone row's logits would round differently.
-        """
-        if not self.steady_shapes or len(wanted) < 2 or int(wanted.sum(dtype=np.int64)) != 1:
-            return None
-        return 0 if wanted[0] == 0 else 1
 
     def decode_error(self, code: int, needed: int) -> Exception:
         """The error for a failed ``llama_decode``: a full cache says how to make it larger."""

@@ -17,7 +17,9 @@ from slimline.runtime.llama_cpp_model import (
     LlamaCppModel,
     SequencesExhaustedError,
     chunks,
+    llama_cpp_ubatches,
     open_gguf,
+    steady_padding,
 )
 from tests.conftest import build_tiny_model
 
@@ -284,6 +286,58 @@ def test_no_decode_call_is_one_token_with_steady_shapes() -> None:
     assert chunks(1025, 512, steady=True) == [(0, 512), (512, 511), (1023, 2)]
     assert chunks(1, 512, steady=True) == [(0, 1)]
     assert chunks(600, 512, steady=True) == [(0, 512), (512, 88)]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param([(0, 1), (2, 1)], id="ids-with-a-gap"),
+        pytest.param([(0, 4), (1, 3)], id="rows-of-4-and-3"),
+        pytest.param([(0, 2), (1, 1)], id="rows-of-2-and-1"),
+        pytest.param([(2, 3), (0, 1), (1, 5)], id="out-of-order-ragged"),
+    ],
+)
+def test_steady_shapes_give_ragged_rows_their_alone_logits(gguf_folder: Path, layout: list[tuple[int, int]]) -> None:
+    """Rows of unequal length or with gaps between sequence ids: each row's logits bit-equal to the row alone.
+
+    llama.cpp cuts such a call into ubatches of consecutive ids and equal tokens per row; without
+    padding some row's last piece is a one-token ubatch, which rounds differently.
+    """
+    serving = LlamaCppModel(gguf_folder, max_sequences=4, flash_attention=True, unified_cache=False, steady_shapes=True)
+    try:
+        sequences = [serving.new_sequence() for _ in range(3)]  # sequence ids 0, 1, 2
+        prompts = [tokens(9 + 4 * index, seed=20 + index) for index in range(3)]
+        for sequence, prompt in zip(sequences, prompts, strict=True):
+            serving.forward([Feed(sequence, prompt, all_logits=False)])
+        pieces = {seq_id: tokens(count, seed=30 + seq_id) for seq_id, count in layout}
+
+        def pass_of(seq_ids: list[int]) -> list[torch.Tensor]:
+            for seq_id in seq_ids:
+                sequences[seq_id].truncate(len(prompts[seq_id]))
+            return serving.forward([Feed(sequences[seq_id], pieces[seq_id]) for seq_id in seq_ids])
+
+        batched = pass_of([seq_id for seq_id, _ in layout])
+        for (seq_id, _), row in zip(layout, batched, strict=True):
+            assert torch.equal(row, pass_of([seq_id])[0]), f"sequence {seq_id}"
+    finally:
+        serving.close()
+
+
+@pytest.mark.unit
+def test_the_ubatch_model_follows_llama_cpp_split_equal() -> None:
+    # (row, first token, tokens): consecutive ids share a ubatch, each giving the fewest tokens any has left
+    assert llama_cpp_ubatches([0, 1], [4, 3], 512) == [[(0, 0, 3), (1, 0, 3)], [(0, 3, 1)]]
+    assert llama_cpp_ubatches([0, 2], [1, 1], 512) == [[(0, 0, 1)], [(1, 0, 1)]]
+    # at most n_ubatch tokens a ubatch: 3 rows of 2 with n_ubatch 4 go one token per row at a time
+    assert llama_cpp_ubatches([0, 1, 2], [2, 2, 2], 4) == [
+        [(0, 0, 1), (1, 0, 1), (2, 0, 1)],
+        [(0, 1, 1), (1, 1, 1), (2, 1, 1)],
+    ]
+    # a lone one-token piece gets a throwaway token; rows at their context's end get none
+    assert steady_padding([0, 1], [4, 3], rooms=[8, 8], n_ubatch=512, spare=100) == [1, 0]
+    assert steady_padding([0, 2], [1, 1], rooms=[8, 8], n_ubatch=512, spare=100) == [1, 1]
+    assert steady_padding([0, 1], [2, 2], rooms=[8, 8], n_ubatch=512, spare=100) == [0, 0]
+    assert steady_padding([0, 2], [1, 1], rooms=[0, 8], n_ubatch=512, spare=100) == [0, 1]
 
 
 def test_the_cache_figure_from_gguf_metadata_is_what_llama_cpp_allocates(gguf_folder: Path) -> None:
