@@ -35,7 +35,10 @@ ubatch and logits 0.0145 off its own; 1 of 32 greedy replies differed at 16 clie
 rows, and a row whose piece of a ubatch would be its lone token gets a throwaway token after its
 own (its cell dropped at once, ``steady_padding``); a ubatch that returns one row of logits
 returns a second, thrown away (the output layer runs only on the rows returned). A row at the
-very end of its context has no room for one and may round differently.
+very end of its context has no room for one and may round differently. A gap in sequence ids
+between rows of equal length (a finished request's id) would cost a ubatch of its own, which
+takes as long as several decoding tokens, so throwaway rows fill it (``gap_fillers``),
+wherever the cache is split (a unified cache is cut into ubatches by token count only).
 Then a greedy request gives the same tokens alone, batched, and verified in speculative rounds.
 
 Flash attention stays off and weights stay on the CPU, as llama-cpp-python's ``Llama`` (the old
@@ -71,6 +74,10 @@ CACHE_CELLS_CAP = 32768
 # a logits buffer of this many rows, so a larger value costs n_batch x vocab x 4 bytes.
 BATCH_TOKENS = 512
 NO_KV_SLOT = 1  # llama_decode's code when the cache has no room for the batch
+# The most throwaway tokens that fill one gap in sequence ids (see LlamaCppModel.gap_fillers). On the
+# SmolLM2 target (2 cores, AVX512) an extra ubatch cost 13 ms, a filler token about 1 ms: 15 decoding
+# rows with a gap took 45.6 ms, filled 32.5 ms; gaps at 3, 7 and 11 took 59.9 ms, filled 29.5 ms.
+GAP_FILL_TOKENS = 6
 
 
 class CacheFullError(SlimlineError):
@@ -141,11 +148,16 @@ class FlatBatch:
 
 
 def flatten_feeds(
-    feeds: list[Feed], seq_ids: np.ndarray, seq_table: np.ndarray, padding: list[int] | None = None
+    feeds: list[Feed],
+    seq_ids: np.ndarray,
+    seq_table: np.ndarray,
+    padding: list[int] | None = None,
+    silent: list[bool] | None = None,
 ) -> FlatBatch:
     """Tokens, positions, seq ids and output flags of all rows, built with whole-array numpy operations.
 
-    ``padding``: throwaway tokens after each row's own (copies of its last token), which return no logits.
+    ``padding``: throwaway tokens after each row's own (copies of its last token), which return no
+    logits; ``silent``: rows that return none at all (throwaway rows).
     """
     rows = np.array([(len(f.tokens), f.sequence.length, f.all_logits) for f in feeds], dtype=np.int64)
     real, starts, every = rows[:, 0], rows[:, 1], rows[:, 2]
@@ -164,8 +176,12 @@ def flatten_feeds(
     seq_pointers += np.uintp(seq_table.ctypes.data)
     outputs = ((np.repeat(every, counts) == 1) & (offsets < np.repeat(real, counts))).astype(np.int8)
     outputs[row_starts + real - 1] = 1  # every row returns at least its last own position
-    row_outputs = np.where(every == 1, real, 1).tolist()
-    return FlatBatch(tokens, positions, seq_pointers, outputs, outputs.copy(), row_starts, counts, row_outputs)
+    row_outputs = np.where(every == 1, real, 1)
+    if silent is not None:
+        quiet = np.asarray(silent, dtype=bool)
+        outputs[np.repeat(quiet, counts)] = 0
+        row_outputs[quiet] = 0
+    return FlatBatch(tokens, positions, seq_pointers, outputs, outputs.copy(), row_starts, counts, row_outputs.tolist())
 
 
 def llama_cpp_ubatches(seq_ids: list[int], counts: list[int], n_ubatch: int) -> list[list[tuple[int, int, int]]]:
@@ -417,8 +433,9 @@ class LlamaCppModel(RuntimeModel):
         ordered = [feeds[index] for index in order]
         logits: list[torch.Tensor] = []
         try:
-            for rows in self.calls(ordered):
-                logits += self.run(rows)
+            calls = self.calls(ordered)
+            for rows in calls:
+                logits += self.run(rows, fill_gaps=len(calls) == 1)  # no filler on a row of another call
         except BaseException:
             for feed in feeds:  # a failed pass keeps nothing: each cache holds what its length says
                 self.remove_cells(feed.sequence.seq_id, feed.sequence.length)
@@ -454,24 +471,59 @@ class LlamaCppModel(RuntimeModel):
             used += count
         return calls
 
-    def run(self, rows: list[Feed]) -> list[torch.Tensor]:
+    def run(self, rows: list[Feed], fill_gaps: bool = True) -> list[torch.Tensor]:
         """One call's rows (ascending sequence ids), padded with ``steady_shapes``: each row's logits."""
+        fillers = self.gap_fillers(rows) if fill_gaps else []
+        if fillers:
+            rows = sorted(rows + fillers, key=self.seq_id_of)
+        is_filler = [any(feed is filler for filler in fillers) for feed in rows]
         seq_ids = [self.seq_id_of(feed) for feed in rows]
-        padding = None
-        if self.steady_shapes and sum(len(feed.tokens) for feed in rows) <= self.n_batch:
-            counts = [len(feed.tokens) for feed in rows]
-            rooms = [self.context_length - feed.sequence.length - len(feed.tokens) for feed in rows]
-            padding = steady_padding(seq_ids, counts, rooms, self.n_batch, self.n_batch - sum(counts))
-        flat = flatten_feeds(rows, np.array(seq_ids, dtype=np.int64), self.seq_table, padding)
-        total = len(flat.tokens)
-        spans = chunks(total, self.n_batch, self.steady_shapes)
+        padding = self.throwaway_padding(rows, seq_ids) if self.steady_shapes else None
+        flat = flatten_feeds(rows, np.array(seq_ids, dtype=np.int64), self.seq_table, padding, is_filler)
+        spans = chunks(len(flat.tokens), self.n_batch, self.steady_shapes)
         if self.steady_shapes:
             self.mark_spare_rows(flat, seq_ids, spans)
-        logits = self.decode(flat, spans)
-        for feed, extra in zip(rows, padding or [], strict=False):
-            if extra:  # the throwaway tokens' cells
+        try:
+            logits = self.decode(flat, spans)
+        finally:
+            for feed in fillers:  # their cells, padding included
+                self.remove_cells(feed.sequence.seq_id, feed.sequence.length)
+        for feed, extra, filler in zip(rows, padding or [], is_filler, strict=False):
+            if extra and not filler:  # the throwaway tokens' cells
                 self.remove_cells(feed.sequence.seq_id, feed.sequence.length + len(feed.tokens))
-        return list(torch.split(logits, flat.row_outputs))
+        per_row = torch.split(logits, flat.row_outputs)
+        return [row for row, filler in zip(per_row, is_filler, strict=True) if not filler]
+
+    def throwaway_padding(self, rows: list[Feed], seq_ids: list[int]) -> list[int] | None:
+        """``steady_padding`` for one call's rows; None for a call past ``n_batch`` (a long row's chunks)."""
+        counts = [len(feed.tokens) for feed in rows]
+        if sum(counts) > self.n_batch:
+            return None
+        rooms = [self.context_length - feed.sequence.length - count for feed, count in zip(rows, counts, strict=True)]
+        return steady_padding(seq_ids, counts, rooms, self.n_batch, self.n_batch - sum(counts))
+
+    def gap_fillers(self, rows: list[Feed]) -> list[Feed]:
+        """Throwaway rows on the sequence ids missing between a split cache's rows of equal length.
+
+        llama.cpp's ubatch takes a run of consecutive sequence ids (see the module), so a gap costs
+        a ubatch, whose fixed cost (every weight read again) is more than a few filler tokens'
+        (``GAP_FILL_TOKENS``). A filler copies the first row's tokens and returns no logits; its
+        cells are dropped after the pass.
+        """
+        count = len(rows[0].tokens) if rows else 0
+        if self.unified_cache or len(rows) < 2 or any(len(feed.tokens) != count for feed in rows):
+            return []
+        ids = [self.seq_id_of(feed) for feed in rows]
+        fillers = []
+        for before, after in itertools.pairwise(ids):
+            missing = range(before + 1, after)
+            if not missing or len(missing) * count > GAP_FILL_TOKENS:
+                continue
+            # an open sequence not in this pass takes the filler after its own cells, a free id at position 0
+            sequences = [self.open.get(seq_id) or LlamaCppSequence(self, seq_id) for seq_id in missing]
+            if all(sequence.length + count <= self.context_length for sequence in sequences):
+                fillers += [Feed(sequence, rows[0].tokens, all_logits=False) for sequence in sequences]
+        return fillers if count * (len(rows) + len(fillers)) <= self.n_batch else []
 
     def mark_spare_rows(self, flat: FlatBatch, seq_ids: list[int], spans: list[tuple[int, int]]) -> None:
         """Ask for a second logits row in each ubatch that returns one (its output layer would be a vector pass)."""

@@ -323,6 +323,38 @@ def test_steady_shapes_give_ragged_rows_their_alone_logits(gguf_folder: Path, la
         serving.close()
 
 
+def test_a_gap_in_sequence_ids_is_filled_and_the_fillers_leave_nothing(gguf_folder: Path) -> None:
+    """Rows on sequences 0 and 3: throwaway rows on 1 (open, not in the pass) and 2 (free) make one ubatch.
+
+    The rows get their alone logits, sequence 1 continues as if nothing had run on it, and the free
+    id holds no cell afterwards.
+    """
+    serving = LlamaCppModel(gguf_folder, max_sequences=4, flash_attention=True, unified_cache=False, steady_shapes=True)
+    try:
+        sequences = [serving.new_sequence() for _ in range(4)]
+        for index, sequence in enumerate(sequences):
+            serving.forward([Feed(sequence, tokens(7 + index, seed=40 + index), all_logits=False)])
+        sequences[2].close()
+        step = tokens(1, seed=50)
+
+        def next_logits(sequence) -> torch.Tensor:
+            logits = serving.forward([Feed(sequence, step)])[0]
+            sequence.truncate(sequence.length - 1)
+            return logits
+
+        before = next_logits(sequences[1])
+        alone = [next_logits(sequences[0]), next_logits(sequences[3])]
+        fillers = serving.gap_fillers([Feed(sequences[0], step), Feed(sequences[3], step)])
+        assert [filler.sequence.seq_id for filler in fillers] == [1, 2]
+        batched = serving.forward([Feed(sequences[3], step), Feed(sequences[0], step)])
+        assert torch.equal(batched[0], alone[1]) and torch.equal(batched[1], alone[0])
+        assert torch.equal(next_logits(sequences[1]), before)
+        assert serving.api.llama_memory_seq_pos_max(serving.memory, 2) == -1  # the free id holds nothing
+        assert serving.api.llama_memory_seq_pos_max(serving.memory, 1) == sequences[1].length - 1
+    finally:
+        serving.close()
+
+
 @pytest.mark.unit
 def test_the_ubatch_model_follows_llama_cpp_split_equal() -> None:
     # (row, first token, tokens): consecutive ids share a ubatch, each giving the fewest tokens any has left
