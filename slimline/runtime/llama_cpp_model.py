@@ -77,6 +77,7 @@ NO_KV_SLOT = 1  # llama_decode's code when the cache has no room for the batch
 # The most throwaway tokens that fill one gap in sequence ids (see LlamaCppModel.gap_fillers). On the
 # SmolLM2 target (2 cores, AVX512) an extra ubatch cost 13 ms, a filler token about 1 ms: 15 decoding
 # rows with a gap took 45.6 ms, filled 32.5 ms; gaps at 3, 7 and 11 took 59.9 ms, filled 29.5 ms.
+# benchmarks/llama_cpp_ubatches.py measures it.
 GAP_FILL_TOKENS = 6
 
 
