@@ -78,10 +78,14 @@ class DraftLength:
     passes of ``rows`` rows, ``d(rows)``, plus one target pass over ``rows * (k + 1)`` tokens,
     ``v``; both are lines fitted to the average measured time of each size seen, because a
     batched pass over more rows or tokens costs more, but far less than proportionally. k = 0
-    (target only) is picked when no draft length pays for itself; then every ``probe_every``
+    (target only) is picked when no draft length pays for itself; then after ``probe_every``
     rounds one lane of the batch proposes one token (``probe_due``), which re-measures the
     acceptance at the cost of a single draft row, so a draft that starts agreeing again is used
-    again.
+    again. A probe that leaves k at 0 doubles the wait for the next, up to ``max_probe_every``
+    rounds (exponential backoff): on a batch it is not cheap (a draft pass that catches the
+    lane's draft up, and a verification pass of rows of unequal length, which llama.cpp cuts into
+    one ubatch more: measured on the SmolLM2 pair at 16 clients, 8 probes in 128 rounds cost about
+    6 decoding passes). Once the draft is used again the wait starts over at ``probe_every``.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class DraftLength:
         decay: float = 0.9,
         smoothing: float = 0.2,
         probe_every: int = 16,
+        max_probe_every: int = 256,
     ) -> None:
         self.k = k
         self.adaptive = adaptive
@@ -99,6 +104,8 @@ class DraftLength:
         self.decay = decay
         self.smoothing = smoothing
         self.probe_every = probe_every
+        self.max_probe_every = max(max_probe_every, probe_every)
+        self.probe_wait = probe_every  # rounds without the draft before the next probe
         self.accepted, self.rejected = 1.4, 0.6  # a prior worth two proposals at a = 0.7
         self.draft_seconds: dict[int, float] = {}  # rows in one draft pass -> moving average seconds
         self.pass_seconds: dict[int, float] = {}  # tokens in one target pass -> moving average seconds
@@ -161,18 +168,27 @@ class DraftLength:
 
     @property
     def probe_due(self) -> bool:
-        """The draft has been off for ``probe_every`` rounds: one lane should propose once to re-measure it."""
-        return self.adaptive and self.k == 0 and self.rounds_without_draft >= self.probe_every
+        """The draft has been off for ``probe_wait`` rounds: one lane should propose once to re-measure it."""
+        return self.adaptive and self.k == 0 and self.rounds_without_draft >= self.probe_wait
 
     def finish_round(self, drafted: bool, rows: int) -> None:
         """Count a round (``drafted``: proposals were made) and re-pick k for a batch of ``rows`` lanes."""
         self.rounds_without_draft = 0 if drafted else self.rounds_without_draft + 1
-        if self.adaptive:
-            self.k = self.best_k(max(rows, 1))
+        if not self.adaptive:
+            return
+        probed = drafted and self.k == 0  # proposals while k was 0: a probe round
+        self.k = self.best_k(max(rows, 1))
+        if probed and self.k == 0:  # the draft still does not pay: probe half as often
+            self.probe_wait = min(2 * self.probe_wait, self.max_probe_every)
+        elif self.k > 0:
+            self.probe_wait = self.probe_every
 
     def fork(self) -> DraftLength:
         """A copy carrying these estimates."""
-        copy = DraftLength(self.k, self.adaptive, self.max_k, self.decay, self.smoothing, self.probe_every)
+        copy = DraftLength(
+            self.k, self.adaptive, self.max_k, self.decay, self.smoothing, self.probe_every, self.max_probe_every
+        )
+        copy.probe_wait = self.probe_wait
         copy.accepted, copy.rejected = self.accepted, self.rejected
         copy.draft_seconds, copy.pass_seconds = dict(self.draft_seconds), dict(self.pass_seconds)
         copy.rounds_without_draft, copy.probes = self.rounds_without_draft, self.probes
