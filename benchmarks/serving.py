@@ -4,9 +4,9 @@
 
 Needs a run with a target, its distilled draft and both exported to ONNX (default
 ``runs/real-model``: ``tuned``, ``draft``, ``onnx``, ``draft-onnx``; the stage ids are options).
-The PyTorch pair is also converted to f16 GGUF (llama.cpp's converter, once, kept in the run
-folder) and each GGUF is put in a folder with its checkpoint's tokenizer, so ``slimline serve``
-opens it through its llama.cpp runtime. In one invocation, on the same held-out code prompts,
+The PyTorch pair is also converted to GGUF (f16, or ``--gguf-type``; llama.cpp's converter, once,
+kept in the run folder) and each GGUF is put in a folder with its checkpoint's tokenizer, so
+``slimline serve`` opens it through its llama.cpp runtime. In one invocation, on the same held-out code prompts,
 greedy, each server a subprocess on 127.0.0.1 measured by concurrent streaming OpenAI clients:
 
 1. ``llama-server -np N`` (its continuous batching), and with the draft
@@ -118,7 +118,9 @@ def configurations(args: argparse.Namespace, binary: Path | None) -> tuple[list[
     skipped: dict[str, str] = {}
     needs_gguf = binary is not None or "gguf" in args.backends
     if needs_gguf:
-        target_gguf, draft_gguf = gguf_pair(stages, args.run_dir / "llama-server", (args.target, args.draft))
+        target_gguf, draft_gguf = gguf_pair(
+            stages, args.run_dir / "llama-server", (args.target, args.draft), args.gguf_type
+        )
     if binary is None:
         skipped["llama-server"] = (
             "no llama-server binary: run scripts/build_llama_server.sh or set SLIMLINE_LLAMA_SERVER"
@@ -132,9 +134,10 @@ def configurations(args: argparse.Namespace, binary: Path | None) -> tuple[list[
     }
     if "gguf" in args.backends:
         folder = args.run_dir / "llama-server"
+        kind = "gguf" if args.gguf_type == "f16" else f"{args.gguf_type}-gguf"
         pairs["gguf"] = (
-            gguf_serving_folder(target_gguf, stages / args.target, folder / f"{args.target}-gguf"),
-            gguf_serving_folder(draft_gguf, stages / args.draft, folder / f"{args.draft}-gguf"),
+            gguf_serving_folder(target_gguf, stages / args.target, folder / f"{args.target}-{kind}"),
+            gguf_serving_folder(draft_gguf, stages / args.draft, folder / f"{args.draft}-{kind}"),
         )
     for backend in ("onnx", "gguf", "pytorch"):
         if backend not in args.backends:
@@ -554,6 +557,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--backends", nargs="+", default=["onnx", "gguf", "pytorch"], choices=["onnx", "gguf", "pytorch"]
     )
+    parser.add_argument(
+        "--gguf-type", default="f16", help="The converter's outtype for the GGUF pair (f16, bf16, q8_0)."
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -600,7 +606,8 @@ def main() -> None:
         "machine": machine_description(),
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
-        "pair": f"{args.run_dir.name}: {args.target}/{args.draft}, ONNX {args.target_onnx}/{args.draft_onnx}",
+        "pair": f"{args.run_dir.name}: {args.target}/{args.draft}, ONNX {args.target_onnx}/{args.draft_onnx}, "
+        f"GGUF {args.gguf_type}",
         "llama_server": str(binary) if binary else None,
         "prompts": count,
         "new_tokens": args.new_tokens,
