@@ -5,8 +5,9 @@
 Converts the run's PyTorch target (``--target``, default ``tuned``) to each GGUF type once (kept
 beside the pair ``benchmarks/serving.py`` makes), opens each as the server opens it (a KV stream
 per sequence, flash attention, steady shapes; 16 sequences of 64 prompt tokens) and times decoding
-passes of 1, 4 and 16 rows of one token, 16 rows of two tokens and 8 rows of 64 tokens (a prompt
-call of 512 tokens, as the engine prefills), the types alternating round by round in one process. ``16-row gain`` is 16 one-row passes' time over one 16-row pass: the most
+passes of 1, 4 and 16 rows of one token (16 also over 96 and 128 cached tokens a row), 16 rows of
+two tokens and 8 rows of 64 tokens (a prompt call of 512 tokens, as the engine prefills), the
+types alternating round by round in one process. ``16-row gain`` is 16 one-row passes' time over one 16-row pass: the most
 continuous batching can add to a single stream's tokens/s on this runtime, CPU and type, which
 bounds the serving check "batched >= 4x interleaved" on llama.cpp.
 """
@@ -34,13 +35,16 @@ from slimline.runtime.base import Feed
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 64
 SEQUENCES = 16
-# name -> (rows, tokens per row); 8 rows of 64 tokens is one 512-token prompt call, as the engine prefills
+# name -> (rows, tokens per row, tokens cached per row); 8 rows of 64 tokens is one 512-token prompt
+# call, as the engine prefills; the cached lengths are a 16-client level's replies half and all done
 LAYOUTS = {
-    "1 row": (1, 1),
-    "4 rows": (4, 1),
-    "16 rows": (16, 1),
-    "16 rows of 2 tokens": (16, 2),
-    "8 rows of 64 tokens": (8, 64),
+    "1 row": (1, 1, PROMPT_TOKENS),
+    "4 rows": (4, 1, PROMPT_TOKENS),
+    "16 rows": (16, 1, PROMPT_TOKENS),
+    "16 rows, 96 cached": (16, 1, 96),
+    "16 rows, 128 cached": (16, 1, 128),
+    "16 rows of 2 tokens": (16, 2, PROMPT_TOKENS),
+    "8 rows of 64 tokens": (8, 64, PROMPT_TOKENS),
 }
 
 
@@ -57,8 +61,13 @@ def opened(folder: Path):
     return model, sequences
 
 
-def timed_pass(model, sequences, rows: int, tokens: int, repeats: int) -> float:
-    """Median seconds of a decoding pass of ``rows`` rows of ``tokens`` tokens, the caches reset after each."""
+def timed_pass(model, sequences, rows: int, tokens: int, cached: int, repeats: int) -> float:
+    """Median seconds of a pass of ``rows`` rows of ``tokens`` tokens over ``cached`` tokens a row.
+
+    The rows grow to ``cached`` tokens first and are cut back to the prompt afterwards.
+    """
+    if cached > PROMPT_TOKENS:
+        model.forward([Feed(sequence, [42] * (cached - PROMPT_TOKENS), False) for sequence in sequences[:rows]])
     times = []
     for _ in range(repeats):
         feeds = [Feed(sequence, [42] * tokens) for sequence in sequences[:rows]]
@@ -66,7 +75,9 @@ def timed_pass(model, sequences, rows: int, tokens: int, repeats: int) -> float:
         model.forward(feeds)
         times.append(time.perf_counter() - started)
         for sequence in sequences[:rows]:
-            sequence.truncate(PROMPT_TOKENS)
+            sequence.truncate(cached)
+    for sequence in sequences[:rows]:
+        sequence.truncate(PROMPT_TOKENS)
     return statistics.median(times)
 
 
@@ -90,8 +101,8 @@ def main() -> None:
     times: dict[tuple[str, str], list[float]] = {(t, name): [] for t in args.types for name in LAYOUTS}
     for _ in range(args.rounds):
         for outtype, (model, sequences) in models.items():
-            for name, (rows, tokens) in LAYOUTS.items():
-                times[outtype, name].append(timed_pass(model, sequences, rows, tokens, args.repeats))
+            for name, (rows, tokens, cached) in LAYOUTS.items():
+                times[outtype, name].append(timed_pass(model, sequences, rows, tokens, cached, args.repeats))
     for model, _ in models.values():
         model.close()
     rows = []

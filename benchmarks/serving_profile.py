@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument("--draft", default="draft")
     parser.add_argument("--target-onnx", default="onnx")
     parser.add_argument("--draft-onnx", default="draft-onnx")
+    parser.add_argument(
+        "--no-batch-invariant", action="store_true", help="As `slimline serve --no-batch-invariant` (llama.cpp)."
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -137,7 +140,8 @@ def main() -> None:
     if not (args.run_dir / "stages" / args.target).is_dir():
         raise SystemExit(f"no stage {args.target} in {args.run_dir}: run the pipeline first (see serving.py)")
     target_folder, draft_folder = pair_folders(args)
-    engine = build_engine(resolve_pair(target_folder, draft_folder, None, None), max_active=args.clients)
+    pair = resolve_pair(target_folder, draft_folder, None, None)
+    engine = build_engine(pair, max_active=args.clients, batch_invariant=not args.no_batch_invariant)
     target_log, draft_log = PassLog(engine.target), PassLog(engine.draft)
     tokenizer = load_tokenizer(args.run_dir / "stages" / args.target)
     prompts = held_out_prompts(tokenizer, args.clients * args.requests_per_client, PROMPT_TOKENS)
