@@ -7,9 +7,9 @@ beside the pair ``benchmarks/serving.py`` makes), opens each as the server opens
 per sequence, flash attention, steady shapes; 16 sequences of 64 prompt tokens) and times decoding
 passes of 1, 4 and 16 rows of one token (16 also over 96 and 128 cached tokens a row), 16 rows of
 two tokens and 8 rows of 64 tokens (a prompt call of 512 tokens, as the engine prefills), the
-types alternating round by round in one process. ``16-row gain`` is 16 one-row passes' time over one 16-row pass: the most
-continuous batching can add to a single stream's tokens/s on this runtime, CPU and type, which
-bounds the serving check "batched >= 4x interleaved" on llama.cpp.
+types alternating round by round in one process. ``16-row gain`` is 16 one-row passes' time over
+one 16-row pass: the most continuous batching can add to a single stream's tokens/s on this
+runtime, CPU and type, which bounds the serving check "batched >= 4x interleaved" on llama.cpp.
 """
 
 from __future__ import annotations
@@ -20,21 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
 
 from gguf_pair import gguf_pair
+from llama_cpp_ubatches import PROMPT_TOKENS, SEQUENCES, opened
 from serving import gguf_serving_folder
 
 from slimline.hardware import machine_description
 from slimline.reports.tables import write_results
-from slimline.runtime import llama_cpp_model
 from slimline.runtime.base import Feed
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT_TOKENS = 64
-SEQUENCES = 16
 # name -> (rows, tokens per row, tokens cached per row); 8 rows of 64 tokens is one 512-token prompt
 # call, as the engine prefills; the cached lengths are a 16-client level's replies half and all done
 LAYOUTS = {
@@ -46,19 +42,6 @@ LAYOUTS = {
     "16 rows of 2 tokens": (16, 2, PROMPT_TOKENS),
     "8 rows of 64 tokens": (8, 64, PROMPT_TOKENS),
 }
-
-
-def opened(folder: Path):
-    """The GGUF in ``folder`` as the server opens it, with 16 sequences prefilled."""
-    model = llama_cpp_model.LlamaCppModel(
-        folder, max_sequences=SEQUENCES, flash_attention=True, unified_cache=False, steady_shapes=True
-    )
-    generator = torch.Generator().manual_seed(0)
-    sequences = [model.new_sequence() for _ in range(SEQUENCES)]
-    for sequence in sequences:
-        prompt = torch.randint(1, model.n_vocab, (PROMPT_TOKENS,), generator=generator).tolist()
-        model.forward([Feed(sequence, prompt, all_logits=False)])
-    return model, sequences
 
 
 def timed_pass(model, sequences, rows: int, tokens: int, cached: int, repeats: int) -> float:

@@ -47,6 +47,19 @@ LAYOUTS = {
 }
 
 
+def opened(folder: Path):
+    """The GGUF in ``folder`` as the server opens it, with ``SEQUENCES`` sequences of random prompts prefilled."""
+    model = llama_cpp_model.LlamaCppModel(
+        folder, max_sequences=SEQUENCES, flash_attention=True, unified_cache=False, steady_shapes=True
+    )
+    generator = torch.Generator().manual_seed(0)
+    sequences = [model.new_sequence() for _ in range(SEQUENCES)]
+    for sequence in sequences:
+        prompt = torch.randint(1, model.n_vocab, (PROMPT_TOKENS,), generator=generator).tolist()
+        model.forward([Feed(sequence, prompt, all_logits=False)])
+    return model, sequences
+
+
 def timed_pass(model, sequences, seq_ids: list[int], tokens: int, fill_tokens: int, repeats: int) -> float:
     """Median seconds of a decoding pass over ``seq_ids`` (each row ``tokens`` tokens), the cache reset after each."""
     llama_cpp_model.GAP_FILL_TOKENS = fill_tokens
@@ -72,15 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.gguf_folder / llama_cpp_model.MODEL_FILE).exists():
         raise SystemExit(f"no {llama_cpp_model.MODEL_FILE} in {args.gguf_folder}: run benchmarks/serving.py first")
-    model = llama_cpp_model.LlamaCppModel(
-        args.gguf_folder, max_sequences=SEQUENCES, flash_attention=True, unified_cache=False, steady_shapes=True
-    )
+    model, sequences = opened(args.gguf_folder)
     shipped = llama_cpp_model.GAP_FILL_TOKENS
-    generator = torch.Generator().manual_seed(0)
-    sequences = [model.new_sequence() for _ in range(SEQUENCES)]
-    for sequence in sequences:
-        prompt = torch.randint(1, model.n_vocab, (PROMPT_TOKENS,), generator=generator).tolist()
-        model.forward([Feed(sequence, prompt, all_logits=False)])
     kept: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     filled: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     for _ in range(args.rounds):

@@ -6,8 +6,9 @@ Needs a run with a target, its distilled draft and both exported to ONNX (defaul
 ``runs/real-model``: ``tuned``, ``draft``, ``onnx``, ``draft-onnx``; the stage ids are options).
 The PyTorch pair is also converted to GGUF (f16, or ``--gguf-type``; llama.cpp's converter, once,
 kept in the run folder) and each GGUF is put in a folder with its checkpoint's tokenizer, so
-``slimline serve`` opens it through its llama.cpp runtime. In one invocation, on the same held-out code prompts,
-greedy, each server a subprocess on 127.0.0.1 measured by concurrent streaming OpenAI clients:
+``slimline serve`` opens it through its llama.cpp runtime. In one invocation, on the same held-out
+code prompts, greedy, each server a subprocess on 127.0.0.1 measured by concurrent streaming
+OpenAI clients:
 
 1. ``llama-server -np N`` (its continuous batching), and with the draft
    (``-md draft.gguf --spec-type draft-simple``), when its binary is built
@@ -111,6 +112,16 @@ def gguf_serving_folder(gguf: Path, checkpoint: Path, folder: Path) -> Path:
     return folder
 
 
+def gguf_serving_pair(args: argparse.Namespace, target_gguf: Path, draft_gguf: Path) -> tuple[Path, Path]:
+    """The GGUF pair's folders for ``slimline serve`` in the run's ``llama-server`` folder (f16: ``<stage>-gguf``)."""
+    stages, folder = args.run_dir / "stages", args.run_dir / "llama-server"
+    kind = "gguf" if args.gguf_type == "f16" else f"{args.gguf_type}-gguf"
+    return (
+        gguf_serving_folder(target_gguf, stages / args.target, folder / f"{args.target}-{kind}"),
+        gguf_serving_folder(draft_gguf, stages / args.draft, folder / f"{args.draft}-{kind}"),
+    )
+
+
 def configurations(args: argparse.Namespace, binary: Path | None) -> tuple[list[Config], dict[str, str]]:
     """Every configuration to measure, in order (a group's first one gives its references); skipped ones with why."""
     stages = args.run_dir / "stages"
@@ -133,12 +144,7 @@ def configurations(args: argparse.Namespace, binary: Path | None) -> tuple[list[
         "pytorch": (stages / args.target, stages / args.draft),
     }
     if "gguf" in args.backends:
-        folder = args.run_dir / "llama-server"
-        kind = "gguf" if args.gguf_type == "f16" else f"{args.gguf_type}-gguf"
-        pairs["gguf"] = (
-            gguf_serving_folder(target_gguf, stages / args.target, folder / f"{args.target}-{kind}"),
-            gguf_serving_folder(draft_gguf, stages / args.draft, folder / f"{args.draft}-{kind}"),
-        )
+        pairs["gguf"] = gguf_serving_pair(args, target_gguf, draft_gguf)
     for backend in ("onnx", "gguf", "pytorch"):
         if backend not in args.backends:
             skipped[f"slimline {backend}"] = "not asked for (--backends)"

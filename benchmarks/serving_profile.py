@@ -8,8 +8,8 @@ makes, or the ONNX pair) and runs ``--clients`` client threads, each generating
 out) through ``Engine.generate``. Every target and draft pass is timed where the engine calls it
 (the models' ``forward``, wrapped on the instance), so the wall time splits into target passes,
 draft passes and the rest (scheduling, sampling, detokenising, Python). Target passes are told
-apart by what they carry: decoding passes (every row one or two tokens) by row count, and passes
-carrying prompt tokens. ``--rounds`` repeats the load on the same engine; figures are medians.
+apart by what they carry: decoding passes (every row one or two tokens) by rows and tokens, and
+passes carrying prompt tokens. ``--rounds`` repeats the load on the same engine; figures are medians.
 Writes serving_profile.json and serving_profile.md (``--name``).
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
 
 from gguf_pair import gguf_pair
-from serving import PROMPT_TOKENS, gguf_serving_folder
+from serving import PROMPT_TOKENS, gguf_serving_pair
 from speculative import held_out_prompts
 
 from slimline.hardware import machine_description
@@ -60,12 +60,7 @@ def pair_folders(args: argparse.Namespace) -> tuple[Path, Path]:
     if args.backend == "onnx":
         return stages / args.target_onnx, stages / args.draft_onnx
     target, draft = gguf_pair(stages, args.run_dir / "llama-server", (args.target, args.draft), args.gguf_type)
-    kind = "gguf" if args.gguf_type == "f16" else f"{args.gguf_type}-gguf"
-    folder = args.run_dir / "llama-server"
-    return (
-        gguf_serving_folder(target, stages / args.target, folder / f"{args.target}-{kind}"),
-        gguf_serving_folder(draft, stages / args.draft, folder / f"{args.draft}-{kind}"),
-    )
+    return gguf_serving_pair(args, target, draft)
 
 
 def load(engine, prompts: list[list[int]], clients: int, new_tokens: int) -> tuple[float, int]:
